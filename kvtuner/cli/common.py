@@ -1,0 +1,48 @@
+"""Options and helpers shared by the command modules."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+ModelOption = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Embedded name (gemma-3-270m, smollm2-135m), hub id, folder or .gguf file."),
+]
+ConfigOption = Annotated[
+    str,
+    typer.Option("--config", "-c", help="Precision config: a YAML path or a uniform spec (fp16, KV8, K8V4, KV4, K4V2, KV2)."),
+]
+SchemeOption = Annotated[str, typer.Option("--scheme", help="Quantization scheme: per-token or kivi.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda or mps.")]
+DtypeOption = Annotated[
+    str | None,
+    typer.Option("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)."),
+]
+SeedOption = Annotated[int, typer.Option("--seed", help="Random seed.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else on stdout.")]
+
+
+def emit_json(obj: Any) -> None:
+    """Print `obj` as one JSON object on stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    sys.stdout.flush()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def info(message: str, quiet: bool = False) -> None:
+    """Human-readable progress line on stderr (stdout stays clean for --json)."""
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random models of each architecture, and the embedded model once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma3")
+
+
+def tiny_config(arch: str, num_layers: int = 4):
+    """A small random-weight config of `arch` (no download); Gemma 3 and Mistral get sliding windows."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=24)
+    if arch == "gemma3":
+        layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+        return Gemma3TextConfig(**common, sliding_window=24, layer_types=layer_types, query_pre_attn_scalar=16)
+    raise ValueError(arch)
+
+
+def build_tiny_model(arch: str, num_layers: int = 4, seed: int = 0):
+    """A tiny causal LM of `arch` in float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, num_layers))
+    return model.eval()
+
+
+@pytest.fixture(scope="session", params=TINY_ARCHS)
+def tiny_model(request):
+    """One tiny random model per architecture."""
+    return build_tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The embedded Gemma 3 270M (model, tokenizer), loaded once per test session."""
+    from kvtuner.models import load_model
+
+    return load_model("gemma-3-270m")
