@@ -1,0 +1,209 @@
+"""Min/max quantization of KV tensors into packed codes, a scale and a zero point per group.
+
+Two groupings of a `[..., seq, head_dim]` tensor:
+- per token: groups of `group_size` channels along head_dim (default: one group per head);
+- per channel (KIVI keys): groups of `group_size` tokens along seq, one scale per channel per block.
+
+Asymmetric:  x ≈ code * scale + zero, code in [0, 2**bits - 1], zero = group min.
+Symmetric:   x ≈ (code - 2**(bits-1)) * scale, scale = absmax / (2**(bits-1) - 1), no zero stored.
+Scales and zeros are stored in the tensor's dtype; codes are rounded against the stored values,
+so dequantization is within half a step of the input for every finite element.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvtuner.quant.packing import pack, packed_size, unpack
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed codes of a `[..., seq, head_dim]` tensor plus its group scales and zeros.
+
+    packed: uint8 `[..., seq, ceil(head_dim * bits / 8)]`
+    scale, zero: per token `[..., seq, head_dim / group]`; per channel `[..., seq / group, head_dim]`
+    (zero is None when symmetric).
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    head_dim: int
+    group_size: int
+    per_channel: bool
+
+    @property
+    def seq_len(self) -> int:
+        return self.packed.shape[-2]
+
+    def nbytes(self) -> int:
+        """Bytes really held: codes + scales + zeros."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.packed, self.scale, self.zero) if t is not None]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Back to `[..., seq, head_dim]` in `dtype` (default: the scale's dtype)."""
+        return dequantize(self, dtype)
+
+
+def _qmax(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def _group_stats(
+    x: torch.Tensor, dim: int, bits: int, symmetric: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero over `dim` (kept), computed in float32 and rounded to the storage dtype."""
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    else:
+        # statistics over finite values only; an all-non-finite group gets the range [0, 0]
+        lo = torch.where(finite, x, torch.inf).amin(dim, keepdim=True)
+        hi = torch.where(finite, x, -torch.inf).amax(dim, keepdim=True)
+        empty = lo > hi
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi.abs()) / ((1 << (bits - 1)) - 1)
+        return scale.to(dtype), None
+    return ((hi - lo) / _qmax(bits)).to(dtype), lo.to(dtype)
+
+
+def _codes(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """Integer codes of float32 `x` against the stored scale/zero (broadcast over the group dim)."""
+    scale32 = scale.float()
+    inverse = 1.0 / torch.where(scale32 == 0, torch.ones_like(scale32), scale32)
+    if zero is None:
+        q = torch.round(x * inverse) + (1 << (bits - 1))
+    else:
+        q = torch.round((x - zero.float()) * inverse)
+    # NaN becomes code 0; +-inf clamp to the ends of the range
+    q = torch.nan_to_num(q, nan=0.0)
+    return q.clamp_(0, _qmax(bits)).to(torch.uint8)
+
+
+def quantize_per_token(
+    x: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False
+) -> QuantizedTensor:
+    """Quantize `[..., seq, head_dim]` with one scale/zero per token per `group_size` channels."""
+    head_dim = x.shape[-1]
+    group = group_size or head_dim
+    if head_dim % group:
+        raise ValueError(f"group_size {group} must divide head_dim {head_dim}")
+    x32 = x.float().reshape(*x.shape[:-1], head_dim // group, group)
+    scale, zero = _group_stats(x32, -1, bits, symmetric, x.dtype)
+    codes = _codes(x32, scale, zero, bits).reshape(x.shape)
+    return QuantizedTensor(
+        packed=pack(codes, bits),
+        scale=scale.squeeze(-1),
+        zero=None if zero is None else zero.squeeze(-1),
+        bits=bits,
+        head_dim=head_dim,
+        group_size=group,
+        per_channel=False,
+    )
+
+
+def quantize_per_channel(
+    x: torch.Tensor, bits: int, group_size: int, symmetric: bool = False
+) -> QuantizedTensor:
+    """Quantize `[..., seq, head_dim]` with one scale/zero per channel per block of `group_size` tokens.
+
+    `seq` must be a multiple of `group_size` (the cache quantizes whole blocks only).
+    """
+    seq, head_dim = x.shape[-2], x.shape[-1]
+    if seq % group_size:
+        raise ValueError(f"seq {seq} must be a multiple of group_size {group_size}")
+    x32 = x.float().reshape(*x.shape[:-2], seq // group_size, group_size, head_dim)
+    scale, zero = _group_stats(x32, -2, bits, symmetric, x.dtype)
+    codes = _codes(x32, scale, zero, bits).reshape(x.shape)
+    return QuantizedTensor(
+        packed=pack(codes, bits),
+        scale=scale.squeeze(-2),
+        zero=None if zero is None else zero.squeeze(-2),
+        bits=bits,
+        head_dim=head_dim,
+        group_size=group_size,
+        per_channel=True,
+    )
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """QuantizedTensor -> `[..., seq, head_dim]` in `dtype` (default: the scale's dtype)."""
+    return dequantize_parts(
+        q.packed, q.scale, q.zero, q.bits, q.head_dim, q.group_size, q.per_channel, dtype
+    )
+
+
+def dequantize_parts(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    head_dim: int,
+    group_size: int,
+    per_channel: bool,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Dequantize from raw parts (see QuantizedTensor for the shapes)."""
+    dtype = dtype or scale.dtype
+    codes = unpack(packed, bits, head_dim).to(dtype)
+    if zero is None:
+        codes = codes - (1 << (bits - 1))
+    seq = packed.shape[-2]
+    if per_channel:
+        grouped = codes.reshape(*codes.shape[:-2], seq // group_size, group_size, head_dim)
+        s, z = scale.to(dtype).unsqueeze(-2), None if zero is None else zero.to(dtype).unsqueeze(-2)
+    else:
+        grouped = codes.reshape(*codes.shape[:-1], head_dim // group_size, group_size)
+        s, z = scale.to(dtype).unsqueeze(-1), None if zero is None else zero.to(dtype).unsqueeze(-1)
+    out = grouped * s if z is None else torch.addcmul(z, grouped, s)
+    return out.reshape(*packed.shape[:-1], head_dim)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    per_channel: bool = False,
+    group_size: int | None = None,
+    symmetric: bool = False,
+) -> torch.Tensor:
+    """Quantize then dequantize `[..., seq, head_dim]`; 16 bits returns `x` unchanged.
+
+    per_channel groups run along seq in blocks of `group_size` tokens (default 32); a partial last
+    block gets its own statistics. Per-token groups run along head_dim.
+    """
+    if bits == 16:
+        return x
+    if not per_channel:
+        return quantize_per_token(x, bits, group_size, symmetric).dequantize(x.dtype)
+    block = group_size or 32
+    seq = x.shape[-2]
+    full = seq // block * block
+    parts = []
+    if full:
+        parts.append(quantize_per_channel(x[..., :full, :], bits, block, symmetric).dequantize(x.dtype))
+    if full < seq:
+        rest = x[..., full:, :]
+        parts.append(quantize_per_channel(rest, bits, seq - full, symmetric).dequantize(x.dtype))
+    return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+
+
+__all__ = [
+    "QuantizedTensor",
+    "dequantize",
+    "dequantize_parts",
+    "fake_quantize",
+    "packed_size",
+    "quantize_per_channel",
+    "quantize_per_token",
+]
