@@ -79,7 +79,9 @@ def equivalent_bits(pairs: Sequence[PrecisionPair]) -> float:
     return sum(p.equivalent_bits for p in pairs) / len(pairs)
 
 
-def quantized_token_count(scheme: str, context: int, group_size: int | None, residual_length: int) -> int:
+def quantized_token_count(
+    scheme: str, context: int, group_size: int | None, residual_length: int
+) -> int:
     """How many of `context` tokens sit in packed storage (the rest is the fp residual).
 
     `per-token` quantizes every token; `kivi` flushes whole blocks of `group_size` tokens once

@@ -191,7 +191,9 @@ def fake_quantize(
     full = seq // block * block
     parts = []
     if full:
-        parts.append(quantize_per_channel(x[..., :full, :], bits, block, symmetric).dequantize(x.dtype))
+        parts.append(
+            quantize_per_channel(x[..., :full, :], bits, block, symmetric).dequantize(x.dtype)
+        )
     if full < seq:
         rest = x[..., full:, :]
         parts.append(quantize_per_channel(rest, bits, seq - full, symmetric).dequantize(x.dtype))

@@ -85,7 +85,9 @@ def test_nan_and_inf_do_not_spoil_finite_values():
     assert not torch.isnan(y).any()
     assert torch.isfinite(y[finite]).all()
     clean_rows = [0]
-    assert torch.allclose(y[0, 0, clean_rows], reference_per_token(x[0, 0, clean_rows], 4), atol=1e-5)
+    assert torch.allclose(
+        y[0, 0, clean_rows], reference_per_token(x[0, 0, clean_rows], 4), atol=1e-5
+    )
 
 
 def test_bfloat16_storage_and_nbytes():

@@ -1,0 +1,180 @@
+"""Token stores: the KV history of one tensor (keys or values) of one layer, as it is really held.
+
+Every store takes full-precision tokens `[batch, kv_heads, n, head_dim]` with `append`, holds them
+in its own form, and gives them back dequantized with `read`. Appending never re-quantizes what is
+already stored: packed rows are concatenated.
+
+- `RawStore`: 16 bits, kept as is.
+- `TokenStore`: per-token groups along head_dim (one scale/zero per token per group).
+- `ChannelStore`: per-channel groups of `block` tokens (KIVI keys); appends whole blocks only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtuner.quant.quantizer import dequantize_parts, quantize_per_channel, quantize_per_token
+
+
+def _cat(old: torch.Tensor | None, new: torch.Tensor, drop: int = 0) -> torch.Tensor:
+    if old is None:
+        return new
+    return torch.cat([old[..., drop:, :] if drop else old, new], dim=-2)
+
+
+class RawStore:
+    """Unquantized history (16 bits)."""
+
+    block = 1
+
+    def __init__(self) -> None:
+        self.data: torch.Tensor | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.data is None else self.data.shape[-2]
+
+    def append(self, x: torch.Tensor) -> None:
+        self.data = _cat(self.data, x)
+
+    def read(self, start: int = 0) -> torch.Tensor:
+        """Tokens `[start:]` as `[batch, kv_heads, n, head_dim]`."""
+        assert self.data is not None
+        return self.data[..., start:, :]
+
+    def drop_front(self, n: int) -> None:
+        if n and self.data is not None:
+            self.data = self.data[..., n:, :].clone()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [] if self.data is None else [self.data]
+
+    def index_batch(self, index: torch.Tensor) -> None:
+        if self.data is not None:
+            self.data = self.data.index_select(0, index.to(self.data.device))
+
+
+class TokenStore:
+    """Per-token quantized history: packed codes `[b, h, n, head_dim*bits/8]`, scale/zero `[b, h, n, groups]`."""
+
+    block = 1
+
+    def __init__(self, bits: int, group_size: int | None = None) -> None:
+        self.bits = bits
+        self.group_size = group_size
+        self.packed: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+        self.zero: torch.Tensor | None = None
+        self.head_dim = 0
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.packed is None else self.packed.shape[-2]
+
+    def append(self, x: torch.Tensor) -> None:
+        # a group wider than the head (KIVI's 32 on a 16-channel head) is one group per head
+        group = min(self.group_size or x.shape[-1], x.shape[-1])
+        q = quantize_per_token(x, self.bits, group)
+        self.head_dim, self.group_size = q.head_dim, q.group_size
+        self.packed = _cat(self.packed, q.packed)
+        self.scale = _cat(self.scale, q.scale)
+        self.zero = _cat(self.zero, q.zero)
+
+    def read(self, start: int = 0) -> torch.Tensor:
+        assert self.packed is not None and self.scale is not None
+        return dequantize_parts(
+            self.packed[..., start:, :],
+            self.scale[..., start:, :],
+            None if self.zero is None else self.zero[..., start:, :],
+            self.bits,
+            self.head_dim,
+            self.group_size or self.head_dim,
+            per_channel=False,
+        )
+
+    def drop_front(self, n: int) -> None:
+        if n and self.packed is not None:
+            self.packed = self.packed[..., n:, :].clone()
+            self.scale = self.scale[..., n:, :].clone()
+            self.zero = None if self.zero is None else self.zero[..., n:, :].clone()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.packed, self.scale, self.zero) if t is not None]
+
+    def index_batch(self, index: torch.Tensor) -> None:
+        for name in ("packed", "scale", "zero"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index.to(t.device)))
+
+
+class ChannelStore:
+    """Per-channel quantized history in blocks of `block` tokens (KIVI keys).
+
+    packed `[b, h, n, head_dim*bits/8]`, scale/zero `[b, h, n / block, head_dim]`.
+    """
+
+    def __init__(self, bits: int, block: int) -> None:
+        self.bits = bits
+        self.block = block
+        self.packed: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+        self.zero: torch.Tensor | None = None
+        self.head_dim = 0
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.packed is None else self.packed.shape[-2]
+
+    def append(self, x: torch.Tensor) -> None:
+        q = quantize_per_channel(x, self.bits, self.block)
+        self.head_dim = q.head_dim
+        self.packed = _cat(self.packed, q.packed)
+        self.scale = _cat(self.scale, q.scale)
+        self.zero = _cat(self.zero, q.zero)
+
+    def read(self, start: int = 0) -> torch.Tensor:
+        assert self.packed is not None and self.scale is not None
+        first_block = start // self.block
+        token0 = first_block * self.block
+        out = dequantize_parts(
+            self.packed[..., token0:, :],
+            self.scale[..., first_block:, :],
+            None if self.zero is None else self.zero[..., first_block:, :],
+            self.bits,
+            self.head_dim,
+            self.block,
+            per_channel=True,
+        )
+        return out[..., start - token0 :, :]
+
+    def drop_front(self, n: int) -> None:
+        """Drop the first `n` tokens; `n` must be whole blocks."""
+        if not n or self.packed is None:
+            return
+        assert n % self.block == 0, "a per-channel store drops whole blocks only"
+        blocks = n // self.block
+        self.packed = self.packed[..., n:, :].clone()
+        self.scale = self.scale[..., blocks:, :].clone()
+        self.zero = None if self.zero is None else self.zero[..., blocks:, :].clone()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.packed, self.scale, self.zero) if t is not None]
+
+    def index_batch(self, index: torch.Tensor) -> None:
+        for name in ("packed", "scale", "zero"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index.to(t.device)))
+
+
+Store = RawStore | TokenStore | ChannelStore
+
+
+def make_store(bits: int, *, per_channel: bool, group_size: int | None) -> Store:
+    """The store for one tensor: raw at 16 bits, per-channel blocks for KIVI keys, else per token."""
+    if bits == 16:
+        return RawStore()
+    if per_channel:
+        return ChannelStore(bits, group_size or 32)
+    return TokenStore(bits, group_size)
