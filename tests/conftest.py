@@ -32,8 +32,12 @@ def tiny_config(arch: str, num_layers: int = 4):
     if arch == "mistral":
         return MistralConfig(**common, sliding_window=24)
     if arch == "gemma3":
-        layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
-        return Gemma3TextConfig(**common, sliding_window=24, layer_types=layer_types, query_pre_attn_scalar=16)
+        layer_types = [
+            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)
+        ]
+        return Gemma3TextConfig(
+            **common, sliding_window=24, layer_types=layer_types, query_pre_attn_scalar=16
+        )
     raise ValueError(arch)
 
 
@@ -44,6 +48,18 @@ def build_tiny_model(arch: str, num_layers: int = 4, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, num_layers))
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def eager_dequantization():
+    """Most tests run the plain eager path (compiling costs seconds per kernel); the fast-path
+    tests turn compilation on themselves and compare against this path."""
+    from kvtuner.quant import kernels
+
+    previous = kernels.compile_enabled()
+    kernels.set_compile(False)
+    yield
+    kernels.set_compile(previous)
 
 
 @pytest.fixture(scope="session", params=TINY_ARCHS)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from kvtuner.quant.quantizer import dequantize_parts, quantize_per_channel, quantize_per_token
+from kvtuner.quant.kernels import dequantize_fast
+from kvtuner.quant.quantizer import quantize_per_channel, quantize_per_token
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor, drop: int = 0) -> torch.Tensor:
@@ -82,7 +83,7 @@ class TokenStore:
 
     def read(self, start: int = 0) -> torch.Tensor:
         assert self.packed is not None and self.scale is not None
-        return dequantize_parts(
+        return dequantize_fast(
             self.packed[..., start:, :],
             self.scale[..., start:, :],
             None if self.zero is None else self.zero[..., start:, :],
@@ -137,7 +138,7 @@ class ChannelStore:
         assert self.packed is not None and self.scale is not None
         first_block = start // self.block
         token0 = first_block * self.block
-        out = dequantize_parts(
+        out = dequantize_fast(
             self.packed[..., token0:, :],
             self.scale[..., first_block:, :],
             None if self.zero is None else self.zero[..., first_block:, :],
