@@ -214,7 +214,7 @@ def run_bench(
     speeds: dict[str, list[float]] = {name: [] for name, _ in kinds}
     last: dict[str, tuple[int, float, int, list[int]]] = {}
     # one untimed warm-up per kind (kernel compilation, allocator pools), then interleaved rounds
-    for name, make in kinds:
+    for _name, make in kinds:
         _decode(model, ids[:, : min(64, context)], make(), 2)
     for round_index in range(rounds):
         for name, make in kinds:
