@@ -60,15 +60,13 @@ def _group_stats(
     x: torch.Tensor, dim: int, bits: int, symmetric: bool, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero over `dim` (kept), computed in float32 and rounded to the storage dtype."""
+    # statistics over finite values only (branch-free, so the function compiles as one graph);
+    # an all-non-finite group gets the range [0, 0]
     finite = torch.isfinite(x)
-    if bool(finite.all()):
-        lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    else:
-        # statistics over finite values only; an all-non-finite group gets the range [0, 0]
-        lo = torch.where(finite, x, torch.inf).amin(dim, keepdim=True)
-        hi = torch.where(finite, x, -torch.inf).amax(dim, keepdim=True)
-        empty = lo > hi
-        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    lo = torch.where(finite, x, torch.inf).amin(dim, keepdim=True)
+    hi = torch.where(finite, x, -torch.inf).amax(dim, keepdim=True)
+    empty = lo > hi
+    lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
     if symmetric:
         scale = torch.maximum(lo.abs(), hi.abs()) / ((1 << (bits - 1)) - 1)
         return scale.to(dtype), None

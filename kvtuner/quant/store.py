@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from kvtuner.quant.kernels import dequantize_fast
-from kvtuner.quant.quantizer import quantize_per_channel, quantize_per_token
+from kvtuner.quant.kernels import dequantize_fast, quantize_tokens_fast
+from kvtuner.quant.quantizer import quantize_per_channel
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor, drop: int = 0) -> torch.Tensor:
@@ -75,11 +75,13 @@ class TokenStore:
     def append(self, x: torch.Tensor) -> None:
         # a group wider than the head (KIVI's 32 on a 16-channel head) is one group per head
         group = min(self.group_size or x.shape[-1], x.shape[-1])
-        q = quantize_per_token(x, self.bits, group)
-        self.head_dim, self.group_size = q.head_dim, q.group_size
-        self.packed = _cat(self.packed, q.packed)
-        self.scale = _cat(self.scale, q.scale)
-        self.zero = _cat(self.zero, q.zero)
+        if x.shape[-1] % group:
+            raise ValueError(f"group_size {group} must divide head_dim {x.shape[-1]}")
+        packed, scale, zero = quantize_tokens_fast(x, self.bits, group)
+        self.head_dim, self.group_size = x.shape[-1], group
+        self.packed = _cat(self.packed, packed)
+        self.scale = _cat(self.scale, scale)
+        self.zero = _cat(self.zero, zero)
 
     def read(self, start: int = 0) -> torch.Tensor:
         assert self.packed is not None and self.scale is not None

@@ -51,3 +51,13 @@ def test_fast_decode_gives_the_same_tokens_as_the_plain_path(scheme):
     finally:
         kernels.set_compile(False)
     assert torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_compiled_quantization_matches_eager(compiled, bits):
+    x = torch.randn(1, 3, 5, 32, generator=torch.Generator().manual_seed(bits))
+    x[0, 0, 0, 0] = float("nan")
+    packed, scale, zero = kernels.quantize_tokens_fast(x, bits, 16)
+    q = quantize_per_token(x, bits, 16)
+    assert torch.equal(packed, q.packed)
+    assert torch.equal(scale, q.scale) and torch.equal(zero, q.zero)
