@@ -1,0 +1,111 @@
+"""`kvtuner show CONFIG`: the layers of a precision config, its equivalent bits and scheme."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from kvtuner.cli.app import app
+from kvtuner.cli.common import JsonOption, emit_json
+from kvtuner.config import PrecisionConfig, load_config
+from kvtuner.precision import FULL_PRECISION
+
+
+@app.command()
+def show(
+    config: Annotated[
+        str, typer.Argument(help="YAML path or uniform spec (KV8, K8V4, KV4, fp16...).")
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Check the layer count against this model (needed for a uniform spec).",
+        ),
+    ] = None,
+    scheme: Annotated[
+        str | None,
+        typer.Option("--scheme", help="per-token or kivi (for specs and presets without one)."),
+    ] = None,
+    context: Annotated[
+        int, typer.Option("--context", help="Context length for effective bits (with --model).")
+    ] = 4096,
+    json: JsonOption = False,
+) -> None:
+    """Show a precision config: one row per layer, equivalent bits, scheme."""
+    num_layers = head_dim = None
+    if model is not None:
+        from kvtuner.models import load_model_config, text_config
+
+        model_config = text_config(load_model_config(model))
+        num_layers = int(model_config.num_hidden_layers)
+        head_dim = getattr(model_config, "head_dim", None) or (
+            model_config.hidden_size // model_config.num_attention_heads
+        )
+    cfg = load_config(config, num_layers=num_layers, scheme=scheme)
+    summary = summarize(cfg, head_dim=head_dim, context=context)
+    if json:
+        emit_json(summary)
+        return
+    typer.echo(render(cfg, summary))
+
+
+def summarize(
+    cfg: PrecisionConfig, head_dim: int | None = None, context: int = 4096
+) -> dict[str, Any]:
+    """The `--json` object: num_layers, equivalent_bits, scheme, layers [{layer, key_bits, value_bits}]."""
+    summary: dict[str, Any] = {
+        "num_layers": cfg.num_layers,
+        "equivalent_bits": cfg.equivalent_bits,
+        "scheme": cfg.scheme,
+        "group_size": cfg.group_size,
+        "residual_length": cfg.residual_length,
+        "model": cfg.model,
+        "source": cfg.source,
+        "layers": [
+            {"layer": i, "key_bits": p.key_bits, "value_bits": p.value_bits}
+            for i, p in enumerate(cfg.layers)
+        ],
+    }
+    if head_dim is not None:
+        summary["effective_bits"] = cfg.effective_bits(head_dim=head_dim, context=context)
+        summary["context"] = context
+    if cfg.heads is not None:
+        summary["heads_per_layer"] = len(cfg.heads[0])
+    return summary
+
+
+def render(cfg: PrecisionConfig, summary: dict[str, Any]) -> str:
+    """Human-readable table: header lines, then one row per layer with K and V bars."""
+    group = cfg.group_size if cfg.group_size is not None else "head_dim"
+    lines = [
+        f"config:          {cfg.source or cfg.name}"
+        + (f"  (model {cfg.model})" if cfg.model else ""),
+        f"scheme:          {cfg.scheme}  (group size {group}, residual {cfg.residual_length})",
+        f"layers:          {cfg.num_layers}",
+        f"equivalent bits: {cfg.equivalent_bits:.3f}",
+    ]
+    if "effective_bits" in summary:
+        lines.append(
+            f"effective bits:  {summary['effective_bits']:.3f}  (at {summary['context']} tokens)"
+        )
+    if cfg.heads is not None:
+        lines.append(
+            f"head-wise:       {len(cfg.heads[0])} heads a layer; each row is the max over its heads"
+        )
+    lines.append("")
+    lines.append("layer  pair   K  V   keys      values")
+    for i, pair in enumerate(cfg.layers):
+        lines.append(
+            f"{i:>5}  {pair.name:<5} {pair.key_bits:>2} {pair.value_bits:>2}   "
+            f"{_bar(pair.key_bits)}  {_bar(pair.value_bits)}"
+        )
+    return "\n".join(lines)
+
+
+def _bar(bits: int) -> str:
+    """8 cells for 16 bits: one full cell per 2 bits."""
+    cells = bits // 2
+    return "█" * cells + "·" * (FULL_PRECISION // 2 - cells)
