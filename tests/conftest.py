@@ -56,10 +56,10 @@ def eager_dequantization():
     tests turn compilation on themselves and compare against this path."""
     from kvtuner.quant import kernels
 
-    previous = kernels.compile_enabled()
+    previous = kernels.compile_settings()
     kernels.set_compile(False)
     yield
-    kernels.set_compile(previous)
+    kernels.set_compile(*previous)
 
 
 @pytest.fixture(scope="session", params=TINY_ARCHS)

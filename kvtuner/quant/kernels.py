@@ -6,6 +6,10 @@ kernel. Kernels are compiled once per (bits, layout) with dynamic shapes, so a g
 not recompile. Set `KVTUNER_COMPILE=0` (or call `set_compile(False)`) for the plain eager path;
 where compilation fails (no C++ compiler, an unsupported device) the eager path is used after a
 one-line warning. Both paths compute the same numbers.
+
+Compiling costs seconds per kernel (cached on disk after the first time), so kernels are only used
+once a history reaches `KVTUNER_COMPILE_MIN_TOKENS` tokens (default 1024): short generations
+never pay for it, long contexts, where dequantization dominates a decode step, do.
 """
 
 from __future__ import annotations
@@ -19,18 +23,26 @@ import torch
 from kvtuner.quant.quantizer import dequantize_parts, quantize_per_token
 
 _enabled = os.environ.get("KVTUNER_COMPILE", "1").strip().lower() not in {"0", "false", "no", "off"}
+_min_tokens = int(os.environ.get("KVTUNER_COMPILE_MIN_TOKENS", "1024"))
 _kernels: dict[tuple, Callable[..., object]] = {}
 _failed_devices: set[str] = set()
 
 
-def set_compile(enabled: bool) -> None:
-    """Turn the compiled kernels on or off for this process."""
-    global _enabled
+def set_compile(enabled: bool, min_tokens: int | None = None) -> None:
+    """Turn the compiled kernels on or off for this process; `min_tokens`: history length from which they are used."""
+    global _enabled, _min_tokens
     _enabled = enabled
+    if min_tokens is not None:
+        _min_tokens = min_tokens
 
 
 def compile_enabled() -> bool:
     return _enabled
+
+
+def compile_settings() -> tuple[bool, int]:
+    """(enabled, min_tokens), to restore with `set_compile(*settings)`."""
+    return _enabled, _min_tokens
 
 
 def _dequantize_kernel(bits: int, head_dim: int, group: int, per_channel: bool) -> Callable:
@@ -50,8 +62,10 @@ def _quantize_kernel(bits: int, group: int) -> Callable:
     return quantize
 
 
-def _run(key: tuple, build: Callable[[], Callable], eager: Callable, device: str, *args):
-    if not _enabled or device in _failed_devices or device == "mps":
+def _run(
+    key: tuple, build: Callable[[], Callable], eager: Callable, device: str, history: int, *args
+):
+    if not _enabled or history < _min_tokens or device in _failed_devices or device == "mps":
         return eager(*args)
     if key not in _kernels:
         # each (bits, layout) is its own small graph; allow enough of them before dynamo gives up
@@ -83,13 +97,18 @@ def dequantize_fast(
         return dequantize_parts(packed, scale, zero, bits, head_dim, group, per_channel)
     eager = _dequantize_kernel(bits, head_dim, group, per_channel)
     key = ("dequantize", bits, head_dim, group, per_channel, zero is None)
-    return _run(key, lambda: eager, eager, packed.device.type, packed, scale, zero)
+    return _run(
+        key, lambda: eager, eager, packed.device.type, packed.shape[-2], packed, scale, zero
+    )
 
 
 def quantize_tokens_fast(
-    x: torch.Tensor, bits: int, group: int
+    x: torch.Tensor, bits: int, group: int, history: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Same result as `quantize_per_token` (packed, scale, zero), one fused kernel when enabled."""
+    """Same result as `quantize_per_token` (packed, scale, zero), one fused kernel when enabled.
+
+    `history`: tokens already stored; decides, like for dequantization, whether compiling pays.
+    """
     eager = _quantize_kernel(bits, group)
     key = ("quantize", bits, group, x.dtype)
-    return _run(key, lambda: eager, eager, x.device.type, x)
+    return _run(key, lambda: eager, eager, x.device.type, history, x)

@@ -77,7 +77,7 @@ class TokenStore:
         group = min(self.group_size or x.shape[-1], x.shape[-1])
         if x.shape[-1] % group:
             raise ValueError(f"group_size {group} must divide head_dim {x.shape[-1]}")
-        packed, scale, zero = quantize_tokens_fast(x, self.bits, group)
+        packed, scale, zero = quantize_tokens_fast(x, self.bits, group, history=self.seq_len)
         self.head_dim, self.group_size = x.shape[-1], group
         self.packed = _cat(self.packed, packed)
         self.scale = _cat(self.scale, scale)

@@ -12,9 +12,8 @@ from kvtuner.quant.quantizer import dequantize_parts
 
 @pytest.fixture
 def compiled():
-    kernels.set_compile(True)
+    kernels.set_compile(True, min_tokens=0)
     yield
-    kernels.set_compile(False)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -45,11 +44,8 @@ def test_fast_decode_gives_the_same_tokens_as_the_plain_path(scheme):
 
     kernels.set_compile(False)
     plain = run()
-    kernels.set_compile(True)
-    try:
-        fast = run()
-    finally:
-        kernels.set_compile(False)
+    kernels.set_compile(True, min_tokens=0)
+    fast = run()
     assert torch.equal(fast, plain)
 
 
