@@ -21,7 +21,10 @@ from kvtuner.quant.store import Store, make_store
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    return b if a is None or a.shape[-2] == 0 else torch.cat([a, b], dim=-2)
+    """Concatenate along tokens, skipping the copy when either side is empty."""
+    if a is None or a.shape[-2] == 0:
+        return b
+    return a if b.shape[-2] == 0 else torch.cat([a, b], dim=-2)
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -81,9 +84,22 @@ class QuantizedKVLayer(DynamicLayer):
         new = key_states.shape[-2]
         past = self.cumulative_length
         self.cumulative_length += new
-        self._res_k = _cat(self._res_k, key_states)
-        self._res_v = _cat(self._res_v, value_states)
-        self._flush()
+        if self.block == 1 and self.residual_length == 0:
+            # per-token without residual: new tokens go straight into the stores
+            self.key_store.append(key_states)
+            self.value_store.append(value_states)
+            if self._res_k is None:
+                # empty residual of the right shape (new tensors: a view would keep the prompt alive)
+                self._res_k = key_states.new_empty(
+                    (*key_states.shape[:-2], 0, key_states.shape[-1])
+                )
+                self._res_v = value_states.new_empty(
+                    (*value_states.shape[:-2], 0, value_states.shape[-1])
+                )
+        else:
+            self._res_k = _cat(self._res_k, key_states)
+            self._res_v = _cat(self._res_v, value_states)
+            self._flush()
         visible = new + (min(past, self.sliding_window - 1) if self.is_sliding else past)
         if past == 0 and not self.quantize_prefill:
             keys, values = key_states, value_states

@@ -56,6 +56,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if per == 1:
         return packed[..., :n]
     mask = (1 << bits) - 1
-    codes = (packed.unsqueeze(-1) >> _shifts(bits, packed.device)) & mask
-    codes = codes.reshape(*packed.shape[:-1], -1)
+    # one shift per code position, unrolled in Python so a compiled kernel sees constants
+    parts = [(packed >> shift) & mask for shift in range(0, 8, bits)]
+    codes = torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)
     return codes[..., :n] if codes.shape[-1] != n else codes
