@@ -1,0 +1,123 @@
+"""Calibration and evaluation text, tokenized into fixed-length samples.
+
+- Calibration text: Python's own `pydoc_data.topics` (about 110k tokens of English documentation),
+  or a user file (`--text`): plain text, or JSONL with a "text" field per line.
+- Held-out text for evaluation: `kvtuner/data/heldout.txt`, licence texts from
+  /usr/share/common-licenses (see scripts/make_heldout_text.py): offline, and not the calibration text.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvtuner.errors import ConfigError
+
+CALIBRATION_SOURCE = "pydoc_data.topics"
+HELDOUT_SOURCE = "kvtuner/data/heldout.txt"
+
+
+def calibration_text(path: str | Path | None = None) -> str:
+    """The text of `path` (plain or JSONL), or `pydoc_data.topics` joined when `path` is None."""
+    if path is not None:
+        return read_text(path)
+    import pydoc_data.topics
+
+    return "\n\n".join(pydoc_data.topics.topics.values())
+
+
+def heldout_text(path: str | Path | None = None) -> str:
+    """The text of `path` (plain or JSONL), or the shipped held-out text when `path` is None."""
+    if path is not None:
+        return read_text(path)
+    return resources.files("kvtuner").joinpath("data", "heldout.txt").read_text(encoding="utf-8")
+
+
+def text_source(path: str | Path | None, default: str = CALIBRATION_SOURCE) -> str:
+    """How metadata names the text: the file path, or `default` for the built-in text."""
+    return str(path) if path is not None else default
+
+
+def read_text(path: str | Path) -> str:
+    """Read a plain-text file, or a JSONL file (`.jsonl`, or JSON objects on every line) of {"text": ...}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: text file not found")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    lines = [line for line in raw.splitlines() if line.strip()]
+    if path.suffix.lower() == ".jsonl" or (lines and all(_is_json_object(x) for x in lines[:3])):
+        return _jsonl_text(path, lines)
+    return raw
+
+
+def _is_json_object(line: str) -> bool:
+    line = line.strip()
+    if not (line.startswith("{") and line.endswith("}")):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _jsonl_text(path: Path, lines: list[str]) -> str:
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ConfigError(f"{path}: line {number} has no string field 'text'")
+        texts.append(record["text"])
+    return "\n\n".join(texts)
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """Token ids the tokenizer puts before any text (Gemma: [bos]; SmolLM2: none)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if len(full) > len(plain) and full[len(full) - len(plain) :] == plain:
+        return list(full[: len(full) - len(plain)])
+    return []
+
+
+def token_samples(
+    tokenizer: Any, text: str, num_samples: int, seq_len: int, seed: int = 0
+) -> torch.LongTensor:
+    """`num_samples` non-overlapping windows of `text`, each `seq_len` tokens: LongTensor `[n, seq_len]`.
+
+    The text is tokenized once and cut into consecutive windows; `seed` picks which windows, in a
+    reproducible order. Each sample starts with the tokenizer's own prefix (e.g. `<bos>`), as a
+    model's input would, so a window holds `seq_len - len(prefix)` text tokens.
+    """
+    if num_samples < 1:
+        raise ConfigError(f"--samples must be at least 1; got {num_samples}")
+    prefix = special_prefix(tokenizer)
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise ConfigError(f"--seq-len must be at least {len(prefix) + 1}; got {seq_len}")
+    if not text.strip():
+        raise ConfigError("the text is empty: nothing to cut samples from")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    available = len(ids) // body
+    if available < num_samples:
+        raise ConfigError(
+            f"the text has {len(ids)} tokens: too short for {num_samples} samples of {seq_len} "
+            f"tokens (needs {num_samples * body}); pass a longer --text or lower --samples/--seq-len"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(available, generator=generator)[:num_samples] * body
+    tokens = torch.tensor(ids, dtype=torch.long)
+    windows = torch.stack([tokens[s : s + body] for s in starts.tolist()])
+    if prefix:
+        head = torch.tensor(prefix, dtype=torch.long).expand(num_samples, -1)
+        windows = torch.cat([head, windows], dim=1)
+    return windows
