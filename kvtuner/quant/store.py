@@ -55,14 +55,13 @@ class RawStore:
             self.data = self.data.index_select(0, index.to(self.data.device))
 
 
-class TokenStore:
-    """Per-token quantized history: packed codes `[b, h, n, head_dim*bits/8]`, scale/zero `[b, h, n, groups]`."""
+class _PackedStore:
+    """Packed codes `[b, h, n, head_dim*bits/8]` plus scale/zero; subclasses say how groups run."""
 
     block = 1
 
-    def __init__(self, bits: int, group_size: int | None = None) -> None:
+    def __init__(self, bits: int) -> None:
         self.bits = bits
-        self.group_size = group_size
         self.packed: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.zero: torch.Tensor | None = None
@@ -72,34 +71,20 @@ class TokenStore:
     def seq_len(self) -> int:
         return 0 if self.packed is None else self.packed.shape[-2]
 
-    def append(self, x: torch.Tensor) -> None:
-        # a group wider than the head (KIVI's 32 on a 16-channel head) is one group per head
-        group = min(self.group_size or x.shape[-1], x.shape[-1])
-        if x.shape[-1] % group:
-            raise ValueError(f"group_size {group} must divide head_dim {x.shape[-1]}")
-        packed, scale, zero = quantize_tokens_fast(x, self.bits, group, history=self.seq_len)
-        self.head_dim, self.group_size = x.shape[-1], group
+    def _extend(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
         self.packed = _cat(self.packed, packed)
         self.scale = _cat(self.scale, scale)
-        self.zero = _cat(self.zero, zero)
-
-    def read(self, start: int = 0) -> torch.Tensor:
-        assert self.packed is not None and self.scale is not None
-        return dequantize_fast(
-            self.packed[..., start:, :],
-            self.scale[..., start:, :],
-            None if self.zero is None else self.zero[..., start:, :],
-            self.bits,
-            self.head_dim,
-            self.group_size or self.head_dim,
-            per_channel=False,
-        )
+        self.zero = None if zero is None else _cat(self.zero, zero)
 
     def drop_front(self, n: int) -> None:
-        if n and self.packed is not None:
-            self.packed = self.packed[..., n:, :].clone()
-            self.scale = self.scale[..., n:, :].clone()
-            self.zero = None if self.zero is None else self.zero[..., n:, :].clone()
+        """Drop the first `n` tokens (whole blocks); copies, so the dropped bytes are freed."""
+        if not n or self.packed is None:
+            return
+        assert n % self.block == 0, "a store drops whole blocks only"
+        rows = n // self.block  # scale/zero rows: one per token, or one per block
+        self.packed = self.packed[..., n:, :].clone()
+        self.scale = self.scale[..., rows:, :].clone()
+        self.zero = None if self.zero is None else self.zero[..., rows:, :].clone()
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.packed, self.scale, self.zero) if t is not None]
@@ -111,32 +96,51 @@ class TokenStore:
                 setattr(self, name, t.index_select(0, index.to(t.device)))
 
 
-class ChannelStore:
-    """Per-channel quantized history in blocks of `block` tokens (KIVI keys).
+class TokenStore(_PackedStore):
+    """Per-token quantized history: scale/zero `[b, h, n, head_dim / group_size]`."""
 
-    packed `[b, h, n, head_dim*bits/8]`, scale/zero `[b, h, n / block, head_dim]`.
-    """
-
-    def __init__(self, bits: int, block: int) -> None:
-        self.bits = bits
-        self.block = block
-        self.packed: torch.Tensor | None = None
-        self.scale: torch.Tensor | None = None
-        self.zero: torch.Tensor | None = None
-        self.head_dim = 0
-
-    @property
-    def seq_len(self) -> int:
-        return 0 if self.packed is None else self.packed.shape[-2]
+    def __init__(self, bits: int, group_size: int | None = None) -> None:
+        super().__init__(bits)
+        self.group_size = group_size
 
     def append(self, x: torch.Tensor) -> None:
-        q = quantize_per_channel(x, self.bits, self.block)
-        self.head_dim = q.head_dim
-        self.packed = _cat(self.packed, q.packed)
-        self.scale = _cat(self.scale, q.scale)
-        self.zero = _cat(self.zero, q.zero)
+        # a group wider than the head (KIVI's 32 on a 16-channel head) is one group per head
+        group = min(self.group_size or x.shape[-1], x.shape[-1])
+        if x.shape[-1] % group:
+            raise ValueError(f"group_size {group} must divide head_dim {x.shape[-1]}")
+        packed, scale, zero = quantize_tokens_fast(x, self.bits, group, history=self.seq_len)
+        self.head_dim, self.group_size = x.shape[-1], group
+        self._extend(packed, scale, zero)
 
     def read(self, start: int = 0) -> torch.Tensor:
+        """Tokens `[start:]`, dequantized: `[b, h, n - start, head_dim]`."""
+        assert self.packed is not None and self.scale is not None
+        return dequantize_fast(
+            self.packed[..., start:, :],
+            self.scale[..., start:, :],
+            None if self.zero is None else self.zero[..., start:, :],
+            self.bits,
+            self.head_dim,
+            self.group_size or self.head_dim,
+            per_channel=False,
+        )
+
+
+class ChannelStore(_PackedStore):
+    """Per-channel quantized history in blocks of `block` tokens (KIVI keys): scale/zero `[b, h, n / block, head_dim]`."""
+
+    def __init__(self, bits: int, block: int) -> None:
+        super().__init__(bits)
+        self.block = block
+
+    def append(self, x: torch.Tensor) -> None:
+        """Append whole blocks: `x` is `[b, h, k * block, head_dim]`."""
+        q = quantize_per_channel(x, self.bits, self.block)
+        self.head_dim = q.head_dim
+        self._extend(q.packed, q.scale, q.zero)
+
+    def read(self, start: int = 0) -> torch.Tensor:
+        """Tokens `[start:]`, dequantized (from the block holding `start`)."""
         assert self.packed is not None and self.scale is not None
         first_block = start // self.block
         token0 = first_block * self.block
@@ -150,25 +154,6 @@ class ChannelStore:
             per_channel=True,
         )
         return out[..., start - token0 :, :]
-
-    def drop_front(self, n: int) -> None:
-        """Drop the first `n` tokens; `n` must be whole blocks."""
-        if not n or self.packed is None:
-            return
-        assert n % self.block == 0, "a per-channel store drops whole blocks only"
-        blocks = n // self.block
-        self.packed = self.packed[..., n:, :].clone()
-        self.scale = self.scale[..., blocks:, :].clone()
-        self.zero = None if self.zero is None else self.zero[..., blocks:, :].clone()
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.packed, self.scale, self.zero) if t is not None]
-
-    def index_batch(self, index: torch.Tensor) -> None:
-        for name in ("packed", "scale", "zero"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.index_select(0, index.to(t.device)))
 
 
 Store = RawStore | TokenStore | ChannelStore
