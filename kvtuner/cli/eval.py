@@ -1,0 +1,133 @@
+"""`kvtuner eval`: KL to full precision and perplexity of a config on held-out text (optionally accuracy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kvtuner.cli.app import app
+from kvtuner.cli.common import (
+    DEFAULT_MODEL,
+    ConfigOption,
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    ModelOption,
+    SeedOption,
+    emit_json,
+    info,
+)
+
+
+@app.command(name="eval")
+def eval_command(
+    model: ModelOption = DEFAULT_MODEL,
+    config: ConfigOption = "KV8",
+    scheme: Annotated[
+        str | None,
+        typer.Option("--scheme", help="per-token or kivi (for specs and presets without one)."),
+    ] = None,
+    text: Annotated[
+        Path | None,
+        typer.Option(
+            "--text",
+            help="Evaluation text: plain text or JSONL with 'text' (default: shipped held-out text).",
+        ),
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Number of text samples.")] = 6,
+    context: Annotated[
+        int, typer.Option("--context", help="Tokens of quantized history before the scored ones.")
+    ] = 512,
+    continuation: Annotated[
+        int, typer.Option("--continuation", help="Scored tokens per sample.")
+    ] = 128,
+    chunk: Annotated[int, typer.Option("--chunk", help="Scored tokens fed per forward.")] = 32,
+    tasks: Annotated[
+        Path | None,
+        typer.Option(
+            "--tasks",
+            help="Also exact-match accuracy on a JSONL of {question, answer} (GSM8K style).",
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Answer length for --tasks.")
+    ] = 256,
+    seed: SeedOption = 0,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Quality of a precision config with the real quantized cache, against full precision."""
+    from kvtuner.config import load_config, load_config_without_model
+    from kvtuner.data import heldout_text
+    from kvtuner.evaluate import EvalProtocol, Evaluator, accuracy, eval_samples, load_tasks
+    from kvtuner.models import load_model
+    from kvtuner.search.scoring import EFFECTIVE_BITS_CONTEXT
+
+    protocol = EvalProtocol(context, continuation, chunk)
+    early = load_config_without_model(
+        config, scheme=scheme
+    )  # a bad config fails before the model load
+    corpus = heldout_text(text)
+    task_list = load_tasks(tasks) if tasks is not None else None
+    info(f"loading {model} ...", json)
+    loaded = load_model(model, device=device, dtype=dtype)
+    cfg = load_config(early or config, num_layers=loaded.num_layers, scheme=scheme)
+    tokens = eval_samples(loaded.tokenizer, corpus, samples, protocol, seed=seed)
+    result = Evaluator(loaded.model, tokens, protocol, progress=not json).evaluate(cfg)
+    model_config = loaded.model.config.get_text_config(decoder=True)
+    head_dim = (
+        getattr(model_config, "head_dim", None)
+        or model_config.hidden_size // model_config.num_attention_heads
+    )
+    summary: dict[str, Any] = {
+        "model": loaded.name,
+        "config": str(config),
+        "scheme": cfg.scheme,
+        "kl": result.kl,
+        "kl_stderr": result.kl_stderr,
+        "ppl": result.ppl,
+        "reference_ppl": result.reference_ppl,
+        "equivalent_bits": cfg.equivalent_bits,
+        "effective_bits": cfg.effective_bits(head_dim, EFFECTIVE_BITS_CONTEXT),
+        "effective_bits_context": EFFECTIVE_BITS_CONTEXT,
+        "tokens": result.tokens,
+        "samples": samples,
+        "context": context,
+        "continuation": continuation,
+        "per_sample_kl": list(result.per_sample_kl),
+        "text": str(text) if text is not None else "heldout",
+    }
+    if task_list is not None:
+        scored = accuracy(
+            loaded.model,
+            loaded.tokenizer,
+            cfg,
+            task_list,
+            max_new_tokens=max_new_tokens,
+            progress=not json,
+        )
+        summary.update(accuracy=scored.accuracy, correct=scored.correct, tasks=scored.total)
+    if json:
+        emit_json(summary)
+        return
+    typer.echo(render(summary))
+
+
+def render(summary: dict[str, Any]) -> str:
+    lines = [
+        f"{summary['model']}  {summary['config']}  ({summary['scheme']})",
+        f"equivalent bits  {summary['equivalent_bits']:.3f}   effective bits {summary['effective_bits']:.3f}"
+        f" (at {summary['effective_bits_context']} tokens)",
+        f"KL(fp || quant)  {summary['kl']:.4f} ± {summary['kl_stderr']:.4f} nats/token",
+        f"perplexity       {summary['ppl']:.3f}   (full precision {summary['reference_ppl']:.3f})",
+        f"scored tokens    {summary['tokens']}  ({summary['samples']} samples, {summary['context']} context"
+        f" + {summary['continuation']} scored)",
+    ]
+    if "accuracy" in summary:
+        lines.append(
+            f"accuracy         {summary['accuracy']:.3f}  ({summary['correct']}/{summary['tasks']})"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""`kvtuner export`: write pareto.csv, pareto.png and kvtuner_c<bits>.yaml from a search study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvtuner.cli.app import app
+from kvtuner.cli.common import DEFAULT_MODEL, JsonOption, ModelOption, emit_json
+from kvtuner.cli.search import (
+    CapsOption,
+    StorageOption,
+    StudyOption,
+    export_summary,
+    parse_caps,
+    render,
+)
+from kvtuner.errors import ConfigError
+
+
+@app.command()
+def export(
+    model: ModelOption = DEFAULT_MODEL,
+    scheme: Annotated[str, typer.Option("--scheme", help="per-token or kivi.")] = "per-token",
+    objective: Annotated[
+        str, typer.Option("--objective", help="The study's objective (for its default name).")
+    ] = "kl",
+    max_bits: CapsOption = None,
+    storage: StorageOption = None,
+    study_name: StudyOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output folder (default searched_configs/<model>/<scheme>)."),
+    ] = None,
+    json: JsonOption = False,
+) -> None:
+    """Export the Pareto front and the best config under each cap from an existing study."""
+    from kvtuner.models import model_name
+    from kvtuner.search.export import export_study
+    from kvtuner.search.study import (
+        default_storage,
+        default_study_name,
+        load_existing_study,
+        open_storage,
+        redact,
+    )
+
+    caps = parse_caps(max_bits)
+    name = model_name(model)
+    out_dir = out if out is not None else Path("searched_configs") / name / scheme
+    if storage is None:
+        if not (out_dir / "study.db").is_file():
+            raise ConfigError(
+                f"{out_dir / 'study.db'}: no study there (run `kvtuner search` first, or pass --storage)"
+            )
+        storage = default_storage(out_dir)
+    study = load_existing_study(
+        open_storage(storage),
+        study_name or default_study_name(name, scheme, objective),
+        where=redact(storage),
+    )
+    result = export_study(study, out_dir, caps)
+    summary = export_summary(result, study.user_attrs.get("objective", objective))
+    if json:
+        emit_json(summary)
+        return
+    typer.echo(render(summary))

@@ -1,0 +1,209 @@
+"""Export a study: pareto.csv, pareto.png and the best config under each cap as `kvtuner_c<bits>.yaml`.
+
+Everything comes from the study itself (values, user attributes, study attributes), so `kvtuner
+export` works on any storage a search wrote, also while workers are still adding trials.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from kvtuner.config import PrecisionConfig
+from kvtuner.io import atomic_path
+from kvtuner.search.problem import parse_layers_key
+from kvtuner.search.scoring import EFFECTIVE_BITS_CONTEXT
+from kvtuner.search.study import completed_trials
+
+DEFAULT_CAPS: tuple[float, ...] = (3.0, 3.5, 4.0, 6.0)
+SCALAR_METRICS = ("kl", "ppl", "accuracy", "proxy")
+
+
+@dataclass(frozen=True)
+class CapChoice:
+    """The best config found under one cap, and where it was written."""
+
+    cap: float
+    path: Path
+    trial: int
+    loss: float
+    equivalent_bits: float
+    effective_bits: float
+    layers: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    pareto_csv: Path
+    pareto_png: Path
+    trials: int
+    front: pd.DataFrame
+    choices: tuple[CapChoice, ...]
+    missing_caps: tuple[float, ...]
+
+
+def cap_label(cap: float) -> str:
+    """3 -> '3.0', 3.5 -> '3.5', 3.25 -> '3.25' (the paper's C3.25 naming)."""
+    text = f"{cap:g}"
+    return text if "." in text else f"{text}.0"
+
+
+def config_filename(cap: float) -> str:
+    return f"kvtuner_c{cap_label(cap)}.yaml"
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per distinct completed config: trial, loss, equivalent/effective bits, uniform pair, layers, metrics."""
+    rows = []
+    seen: set[str] = set()
+    for trial in completed_trials(study):
+        key = trial.user_attrs.get("layers")
+        if key is None or key in seen or trial.values is None:
+            continue
+        seen.add(key)
+        pairs = parse_layers_key(key)
+        metrics = trial.user_attrs.get("metrics") or {}
+        constraints = trial.constraints
+        row = {
+            "trial": trial.number,
+            "loss": trial.values[0],
+            "equivalent_bits": trial.values[1],
+            "effective_bits": trial.user_attrs.get("effective_bits"),
+            "feasible": all(v <= 0 for v in constraints.values()),
+            "uniform": pairs[0].name if len(set(pairs)) == 1 else "",
+            "seed": trial.user_attrs.get("seed", ""),
+            **{m: metrics[m] for m in SCALAR_METRICS if m in metrics},
+            "layers": key,
+        }
+        rows.append(row)
+    columns = [
+        "trial",
+        "loss",
+        "equivalent_bits",
+        "effective_bits",
+        "feasible",
+        "uniform",
+        "seed",
+        "layers",
+    ]
+    return pd.DataFrame(rows, columns=None if rows else columns)
+
+
+def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
+    """Feasible rows that no other feasible row beats on both loss and bits; sorted by bits."""
+    feasible = frame[frame["feasible"]].sort_values(["equivalent_bits", "loss", "trial"])
+    keep, best_loss = [], float("inf")
+    for index, row in feasible.iterrows():
+        if row["loss"] < best_loss:
+            keep.append(index)
+            best_loss = row["loss"]
+    return feasible.loc[keep].reset_index(drop=True)
+
+
+def front_table(front: pd.DataFrame, objective: str) -> pd.DataFrame:
+    """pareto.csv: bits, the objective (accuracy as accuracy, others as the loss), other metrics, layers."""
+    table = front.copy()
+    if objective != "accuracy":
+        table[objective] = table["loss"]
+    metrics = [objective] + [m for m in SCALAR_METRICS if m in table.columns and m != objective]
+    columns = ["equivalent_bits", "effective_bits", *metrics, "trial", "uniform", "seed", "layers"]
+    return table[[c for c in columns if c in table.columns]]
+
+
+def best_under(frame: pd.DataFrame, cap: float) -> pd.Series | None:
+    """The lowest-loss row with equivalent bits <= cap (ties: fewer bits, then earlier trial)."""
+    under = frame[frame["equivalent_bits"] <= cap + 1e-9]
+    if under.empty:
+        return None
+    return under.sort_values(["loss", "equivalent_bits", "trial"]).iloc[0]
+
+
+def export_study(
+    study: optuna.Study,
+    out_dir: str | Path,
+    caps: tuple[float, ...] = DEFAULT_CAPS,
+    *,
+    found_by: str | None = None,
+) -> ExportResult:
+    """Write pareto.csv, pareto.png and one YAML per cap into `out_dir`; returns what was written."""
+    from kvtuner.report import plot_pareto
+
+    out_dir = Path(out_dir)
+    attrs = study.user_attrs
+    objective = attrs.get("objective", "loss")
+    frame = trials_frame(study)
+    front = pareto_front(frame) if not frame.empty else frame
+    csv_path = out_dir / "pareto.csv"
+    with atomic_path(csv_path) as tmp:
+        front_table(front, objective).to_csv(tmp, index=False, float_format="%.6g")
+    png_path = out_dir / "pareto.png"
+    title = f"{attrs.get('model', '')} {attrs.get('scheme', '')}: {len(frame)} configs".strip()
+    with atomic_path(png_path) as tmp:
+        plot_pareto(frame, front, tmp, objective=objective, caps=caps, title=title)
+    choices, missing = [], []
+    for cap in sorted(caps):
+        row = None if frame.empty else best_under(frame, cap)
+        if row is None:
+            missing.append(cap)
+            continue
+        choices.append(_write_config(study, row, cap, out_dir, len(frame), found_by))
+    return ExportResult(
+        out_dir, csv_path, png_path, len(frame), front, tuple(choices), tuple(missing)
+    )
+
+
+def _write_config(
+    study: optuna.Study,
+    row: pd.Series,
+    cap: float,
+    out_dir: Path,
+    trials: int,
+    found_by: str | None,
+) -> CapChoice:
+    attrs = study.user_attrs
+    objective = attrs.get("objective", "loss")
+    metrics = {m: float(row[m]) for m in SCALAR_METRICS if m in row.index and pd.notna(row[m])}
+    metadata = {
+        "model": attrs.get("model"),
+        "scheme": attrs.get("scheme"),
+        "objective": objective,
+        "value": float(row["loss"]),
+        **{m: v for m, v in metrics.items() if m != objective},
+        "cap": cap,
+        "equivalent_bits": float(row["equivalent_bits"]),
+        "effective_bits": None if pd.isna(row["effective_bits"]) else float(row["effective_bits"]),
+        "effective_bits_context": EFFECTIVE_BITS_CONTEXT,
+        "trial": int(row["trial"]),
+        "trials": trials,
+        "study": study.study_name,
+        "evaluation": json.loads(attrs["evaluation"]) if attrs.get("evaluation") else None,
+        "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "found_by": found_by or attrs.get("command") or "kvtuner search",
+    }
+    config = PrecisionConfig(
+        layers=tuple(parse_layers_key(row["layers"])),
+        scheme=attrs.get("scheme", "per-token"),
+        group_size=attrs.get("group_size"),
+        residual_length=attrs.get("residual_length"),
+        model=attrs.get("model"),
+        metadata=metadata,
+    )
+    path = config.save(out_dir / config_filename(cap))
+    return CapChoice(
+        cap=cap,
+        path=path,
+        trial=int(row["trial"]),
+        loss=float(row["loss"]),
+        equivalent_bits=float(row["equivalent_bits"]),
+        effective_bits=metadata["effective_bits"],
+        layers=str(row["layers"]),
+        metrics=metrics,
+    )

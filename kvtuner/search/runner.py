@@ -1,0 +1,255 @@
+"""Run a search end to end: prepare, open the study, seed it, run trials (in N processes), export.
+
+`--trials N` is the study's total of completed trials: running the same command again after a
+kill continues where the study stopped. With `--workers N` the parent seeds the study, starts N
+processes that each load the model and pull trials from the shared storage, shows progress from
+the storage, and exports when they are done. Workers on other machines join by running the same
+command with the same `--storage` URL (concurrent workers may overshoot the total by workers - 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from kvtuner.errors import KVTunerError
+from kvtuner.search.export import ExportResult, export_study
+from kvtuner.search.objectives import (
+    AccuracyObjective,
+    KLObjective,
+    Objective,
+    PerplexityObjective,
+    ProxyObjective,
+)
+from kvtuner.search.optuna_backend import CappedNSGAIISampler, run_optuna
+from kvtuner.search.progress import SearchProgress
+from kvtuner.search.pymoo_backend import run_pymoo
+from kvtuner.search.scoring import Scorer
+from kvtuner.search.settings import PreparedSearch, SearchSettings, load_for_search, prepare
+from kvtuner.search.study import completed_by_key, completed_trials, enqueue_seeds, open_study
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What a search run did and where its outputs are."""
+
+    study_name: str
+    storage: str
+    objective: str
+    backend: str
+    trials: int
+    new_trials: int
+    seconds: float
+    groups: int
+    space_size: int
+    export: ExportResult
+
+
+def run_search(
+    settings: SearchSettings, *, loaded: Any = None, quiet: bool = False
+) -> SearchOutcome:
+    """Search until the study holds `settings.trials` completed trials, then export; see module doc."""
+    started = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our bar reports trials, not Optuna's log
+    prep = prepare(settings, loaded=loaded, quiet=quiet)
+    # the model loads (and the reference is computed) before the study is written and the bar starts
+    scorer = make_scorer(prep, quiet) if settings.workers == 1 else None
+    study = _open(prep, index=0)
+    before = len(completed_trials(study))
+    if settings.backend == "optuna":
+        enqueue_seeds(study, prep.problem, prep.seeds, prep.seed_kinds)
+    progress = SearchProgress(
+        settings.trials, settings.caps, settings.objective, done=before, quiet=quiet
+    )
+    progress.refresh(completed_trials(study))
+    try:
+        if scorer is not None:
+            search_trials(prep, study, scorer, index=0, on_trial=progress.refresh)
+        else:
+            _run_processes(prep, study, progress)
+    finally:
+        progress.close()
+    export = export_study(study, prep.out_dir, settings.caps, found_by=settings.command or None)
+    after = len(completed_trials(study))
+    return SearchOutcome(
+        study_name=prep.study_name,
+        storage=prep.where,
+        objective=settings.objective,
+        backend=settings.backend,
+        trials=after,
+        new_trials=after - before,
+        seconds=time.perf_counter() - started,
+        groups=len(prep.space.groups),
+        space_size=prep.space.size,
+        export=export,
+    )
+
+
+def make_scorer(prep: PreparedSearch, quiet: bool = False) -> Scorer:
+    """The objective of `prep` behind the once-per-config scorer (loads the model unless proxy)."""
+    scorer = Scorer(prep.problem, build_objective(prep, quiet), prep.model_name, prep.head_dim)
+    evaluator = getattr(scorer.objective, "evaluator", None)
+    if evaluator is not None:
+        evaluator.reference()
+    return scorer
+
+
+def search_trials(
+    prep: PreparedSearch,
+    study: optuna.Study,
+    scorer: Scorer,
+    *,
+    index: int = 0,
+    on_trial: Callable[[list[FrozenTrial]], None] | None = None,
+) -> None:
+    """Run this process's share of trials on `study` with the chosen backend."""
+    settings = prep.settings
+    if settings.backend == "optuna":
+        run_optuna(study, scorer, settings.trials, on_trial)
+        return
+    _evaluate_seeds(study, scorer, prep, on_trial)
+    run_pymoo(
+        study,
+        scorer,
+        settings.trials,
+        population=settings.population,
+        seeds=prep.seeds,
+        seed=_sampler_seed(settings, index),
+        on_trial=on_trial,
+    )
+
+
+def build_objective(prep: PreparedSearch, quiet: bool = False) -> Objective:
+    """The objective of `prep.settings` (loads the model unless the objective is `proxy`)."""
+    settings = prep.settings
+    if settings.objective == "proxy":
+        return ProxyObjective.from_table(prep.sensitivity)
+    if prep.loaded is None:
+        prep.loaded = load_for_search(settings, quiet)
+    model, tokenizer = prep.loaded.model, prep.loaded.tokenizer
+    if settings.objective == "accuracy":
+        from kvtuner.evaluate import load_tasks
+
+        return AccuracyObjective(
+            model, tokenizer, load_tasks(settings.tasks), settings.max_new_tokens
+        )
+    from kvtuner.data import heldout_text
+    from kvtuner.evaluate import Evaluator, eval_samples
+
+    protocol = settings.protocol()
+    samples = eval_samples(
+        tokenizer, heldout_text(settings.text), settings.samples, protocol, seed=settings.seed
+    )
+    evaluator = Evaluator(model, samples, protocol, progress=not quiet)
+    return KLObjective(evaluator) if settings.objective == "kl" else PerplexityObjective(evaluator)
+
+
+def _open(prep: PreparedSearch, index: int) -> optuna.Study:
+    settings = prep.settings
+    sampler = CappedNSGAIISampler(
+        prep.problem, population_size=settings.population, seed=_sampler_seed(settings, index)
+    )
+    study = open_study(prep.storage, prep.study_name, prep.signature, sampler, where=prep.where)
+    if "group_size" not in study.user_attrs:
+        study.set_user_attr("group_size", prep.space.group_size)
+        study.set_user_attr("residual_length", prep.space.residual_length)
+        study.set_user_attr("groups", [list(g.layers) for g in prep.space.groups])
+        study.set_user_attr("command", settings.command or "kvtuner search")
+    return study
+
+
+def _sampler_seed(settings: SearchSettings, index: int) -> int:
+    """`--seed` for a lone local run (reproducible); mixed with host and process where others may share the study."""
+    if settings.workers == 1 and settings.storage is None:
+        return settings.seed
+    text = f"{settings.seed}|{index}|{socket.gethostname()}|{os.getpid()}"
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def _evaluate_seeds(
+    study: optuna.Study,
+    scorer: Scorer,
+    prep: PreparedSearch,
+    on_trial: Callable[[list[FrozenTrial]], None] | None,
+) -> None:
+    """pymoo has no trial queue: record the seeds as trials first, so the front always holds them."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    problem = prep.problem
+    distributions = {
+        n: CategoricalDistribution([p.name for p in c])
+        for n, c in zip(problem.names, problem.candidates)
+    }
+    for choices, kind in zip(prep.seeds, prep.seed_kinds):
+        if (
+            problem.key(choices) in completed_by_key(study)
+            or len(completed_trials(study)) >= prep.settings.trials
+        ):
+            continue
+        score = scorer.score(study, choices)
+        attrs = {**score.user_attrs, "seed": kind, "backend": "pymoo"}
+        study.add_trial(
+            create_trial(
+                params=problem.params(choices),
+                distributions=distributions,
+                values=score.values,
+                user_attrs=attrs,
+                constraints={"bits": score.constraint},
+            )
+        )
+        if on_trial is not None:
+            on_trial(completed_trials(study))
+
+
+def _run_processes(prep: PreparedSearch, study: optuna.Study, progress: SearchProgress) -> None:
+    settings = prep.settings
+    threads = max(1, (os.cpu_count() or 1) // settings.workers)
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=worker_main, args=(settings, i, threads))
+        for i in range(settings.workers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        while any(p.is_alive() for p in processes):
+            time.sleep(1.0)
+            progress.refresh(completed_trials(study))
+    finally:
+        for process in processes:
+            process.join()
+    progress.refresh(completed_trials(study))
+    failed = [(i, p.exitcode) for i, p in enumerate(processes) if p.exitcode != 0]
+    if failed:
+        codes = ", ".join(f"worker {i}: exit {code}" for i, code in failed)
+        raise KVTunerError(
+            f"{len(failed)} of {len(processes)} workers failed ({codes}); completed trials are kept"
+        )
+
+
+def worker_main(settings: SearchSettings, index: int, threads: int) -> None:
+    """Entry point of a worker process: load the model, pull trials from the shared study, exit."""
+    import torch
+
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        prep = prepare(settings, quiet=True, calibrate=False)
+        study = _open(prep, index)
+        search_trials(prep, study, make_scorer(prep, quiet=True), index=index)
+    except KVTunerError as exc:
+        print(f"kvtuner: error: worker {index}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
