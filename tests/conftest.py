@@ -50,18 +50,6 @@ def build_tiny_model(arch: str, num_layers: int = 4, seed: int = 0):
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def eager_dequantization():
-    """Most tests run the plain eager path (compiling costs seconds per kernel); the fast-path
-    tests turn compilation on themselves and compare against this path."""
-    from kvtuner.quant import kernels
-
-    previous = kernels.compile_settings()
-    kernels.set_compile(False)
-    yield
-    kernels.set_compile(*previous)
-
-
 @pytest.fixture(scope="session", params=TINY_ARCHS)
 def tiny_model(request):
     """One tiny random model per architecture."""

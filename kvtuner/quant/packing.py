@@ -1,14 +1,16 @@
-"""Bit packing of integer codes into uint8 along the last axis.
+"""Bit packing of integer codes into uint8 along the last axis, in planes.
 
-Layout, for codes c0, c1, c2, c3 ... along the last axis (little end first):
+A row of n codes is cut into `8 // bits` planes of m = ceil(n * bits / 8) consecutive codes;
+byte i holds code i of every plane (plane 0 in the low bits):
 
-    4 bits:  byte i = c[2i]   | c[2i+1] << 4
-    2 bits:  byte i = c[4i]   | c[4i+1] << 2 | c[4i+2] << 4 | c[4i+3] << 6
+    4 bits:  byte i = c[i]   | c[m + i] << 4
+    2 bits:  byte i = c[i]   | c[m + i] << 2 | c[2m + i] << 4 | c[3m + i] << 6
     8 bits:  byte i = c[i]
 
-A last axis whose length is not a multiple of the codes per byte is padded with zero codes,
-so a row of n codes takes ceil(n * bits / 8) bytes. Packing along the last axis (head_dim) means
-appending tokens is a plain concatenation of packed rows.
+Planes (rather than neighbouring codes in one byte) make unpacking a few contiguous passes,
+`(byte >> shift) & mask` per plane, each writing one contiguous slice of the row: no interleaving.
+A row whose length is not a multiple of the codes per byte is padded with zero codes. Packing
+along the last axis (head_dim) means appending tokens is a plain concatenation of packed rows.
 """
 
 from __future__ import annotations
@@ -30,10 +32,6 @@ def packed_size(n: int, bits: int) -> int:
     return -(-n // per)
 
 
-def _shifts(bits: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
-
-
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes `[..., n]` (each < 2**bits) -> packed uint8 `[..., ceil(n * bits / 8)]`."""
     per = codes_per_byte(bits)
@@ -44,19 +42,28 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-n) % per
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    grouped = codes.reshape(*codes.shape[:-1], -1, per)
-    shifted = grouped << _shifts(bits, codes.device)
-    # the shifted codes occupy disjoint bits, so a sum is a bitwise or
-    return shifted.sum(dim=-1, dtype=torch.uint8)
+    planes = codes.reshape(*codes.shape[:-1], per, -1)
+    packed = planes[..., 0, :].clone()
+    for plane in range(1, per):
+        packed |= planes[..., plane, :] << (plane * bits)
+    return packed
+
+
+def unpack_planes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """The code planes of packed uint8 `[..., m]`: `8 // bits` tensors `[..., m]`, in row order."""
+    per = codes_per_byte(bits)
+    if per == 1:
+        return [packed]
+    mask = (1 << bits) - 1
+    planes = [packed & mask]
+    planes += [(packed >> (plane * bits)) & mask for plane in range(1, per - 1)]
+    planes.append(packed >> ((per - 1) * bits))  # the top plane needs no mask
+    return planes
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """packed uint8 `[..., m]` -> uint8 codes `[..., n]` (inverse of `pack`)."""
-    per = codes_per_byte(bits)
-    if per == 1:
+    if codes_per_byte(bits) == 1:
         return packed[..., :n]
-    mask = (1 << bits) - 1
-    # one shift per code position, unrolled in Python so a compiled kernel sees constants
-    parts = [(packed >> shift) & mask for shift in range(0, 8, bits)]
-    codes = torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)
+    codes = torch.cat(unpack_planes(packed, bits), dim=-1)
     return codes[..., :n] if codes.shape[-1] != n else codes

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtuner.quant.packing import pack, packed_size, unpack
+from kvtuner.quant.packing import pack, packed_size, unpack, unpack_planes
 
 
 @dataclass
@@ -60,13 +60,15 @@ def _group_stats(
     x: torch.Tensor, dim: int, bits: int, symmetric: bool, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero over `dim` (kept), computed in float32 and rounded to the storage dtype."""
-    # statistics over finite values only (branch-free, so the function compiles as one graph);
-    # an all-non-finite group gets the range [0, 0]
-    finite = torch.isfinite(x)
-    lo = torch.where(finite, x, torch.inf).amin(dim, keepdim=True)
-    hi = torch.where(finite, x, -torch.inf).amax(dim, keepdim=True)
-    empty = lo > hi
-    lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    if bool(torch.isfinite(x).all()):
+        lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    else:
+        # statistics over finite values only; an all-non-finite group gets the range [0, 0]
+        finite = torch.isfinite(x)
+        lo = torch.where(finite, x, torch.inf).amin(dim, keepdim=True)
+        hi = torch.where(finite, x, -torch.inf).amax(dim, keepdim=True)
+        empty = lo > hi
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
     if symmetric:
         scale = torch.maximum(lo.abs(), hi.abs()) / ((1 << (bits - 1)) - 1)
         return scale.to(dtype), None
@@ -151,7 +153,90 @@ def dequantize_parts(
     per_channel: bool,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Dequantize from raw parts (see QuantizedTensor for the shapes)."""
+    """Dequantize from raw parts (see QuantizedTensor for the shapes) -> `[..., seq, head_dim]`.
+
+    This is the decode hot path: each code plane of the packed bytes (see `packing`) is one
+    contiguous slice of the output, written by one multiply-add straight from the uint8 codes
+    into a preallocated output (no float copy of the codes, no interleaving).
+    """
+    dtype = dtype or scale.dtype
+    scale = scale.to(dtype)
+    if zero is None:  # symmetric: x = (code - 2**(bits-1)) * scale
+        zero = scale * -float(1 << (bits - 1))
+    else:
+        zero = zero.to(dtype)
+    seq, width = packed.shape[-2], packed.shape[-1]
+    if not per_channel and not _planes_align(width, head_dim, group_size):
+        return _dequantize_per_token_generic(packed, scale, zero, bits, head_dim, group_size)
+    out = torch.empty((*packed.shape[:-1], head_dim), dtype=dtype, device=packed.device)
+    if per_channel:
+        blocks = seq // group_size
+        out_blocks = out.view(*out.shape[:-2], blocks, group_size, head_dim)
+        s, z = scale.unsqueeze(-2), zero.unsqueeze(-2)  # [..., blocks, 1, head_dim]
+    for index, plane in enumerate(unpack_planes(packed, bits)):
+        lo = index * width
+        hi = min(lo + width, head_dim)
+        if lo >= hi:
+            break  # a plane of padding codes only
+        codes = plane[..., : hi - lo]
+        if per_channel:
+            codes = codes.reshape(*codes.shape[:-2], blocks, group_size, hi - lo)
+            torch.addcmul(z[..., lo:hi], codes, s[..., lo:hi], out=out_blocks[..., lo:hi])
+        elif lo // group_size == (hi - 1) // group_size:  # the plane lies inside one group
+            g = lo // group_size
+            torch.addcmul(zero[..., g : g + 1], codes, scale[..., g : g + 1], out=out[..., lo:hi])
+        else:  # the plane spans whole groups (groups are aligned to planes: both divide head_dim)
+            shape = (*codes.shape[:-1], (hi - lo) // group_size, group_size)
+            g0, g1 = lo // group_size, hi // group_size
+            torch.addcmul(
+                zero[..., g0:g1, None],
+                codes.reshape(shape),
+                scale[..., g0:g1, None],
+                out=out[..., lo:hi].view(shape),
+            )
+    return out
+
+
+def _planes_align(width: int, head_dim: int, group_size: int) -> bool:
+    """Each code plane lies inside one channel group or spans whole groups."""
+    for lo in range(0, head_dim, width):
+        hi = min(lo + width, head_dim)
+        inside = lo // group_size == (hi - 1) // group_size
+        whole = lo % group_size == 0 and (hi - lo) % group_size == 0
+        if not (inside or whole):
+            return False
+    return True
+
+
+def _dequantize_per_token_generic(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    head_dim: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Per-token dequantization for groups that straddle code planes (unusual group sizes)."""
+    codes = unpack(packed, bits, head_dim).to(scale.dtype)
+    grouped = codes.reshape(*codes.shape[:-1], head_dim // group_size, group_size)
+    out = torch.addcmul(zero.unsqueeze(-1), grouped, scale.unsqueeze(-1))
+    return out.reshape(*packed.shape[:-1], head_dim)
+
+
+def dequantize_reference(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    head_dim: int,
+    group_size: int,
+    per_channel: bool,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The plain path: unpack every code to float, then scale and shift by group.
+
+    Same numbers as `dequantize_parts`, which the cache uses; kept for tests and as the spec.
+    """
     dtype = dtype or scale.dtype
     codes = unpack(packed, bits, head_dim).to(dtype)
     if zero is None:

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kvtuner.quant.kernels import dequantize_fast, quantize_tokens_fast
-from kvtuner.quant.quantizer import quantize_per_channel
+from kvtuner.quant.quantizer import dequantize_parts, quantize_per_channel, quantize_per_token
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor, drop: int = 0) -> torch.Tensor:
@@ -108,14 +107,14 @@ class TokenStore(_PackedStore):
         group = min(self.group_size or x.shape[-1], x.shape[-1])
         if x.shape[-1] % group:
             raise ValueError(f"group_size {group} must divide head_dim {x.shape[-1]}")
-        packed, scale, zero = quantize_tokens_fast(x, self.bits, group, history=self.seq_len)
-        self.head_dim, self.group_size = x.shape[-1], group
-        self._extend(packed, scale, zero)
+        q = quantize_per_token(x, self.bits, group)
+        self.head_dim, self.group_size = q.head_dim, group
+        self._extend(q.packed, q.scale, q.zero)
 
     def read(self, start: int = 0) -> torch.Tensor:
         """Tokens `[start:]`, dequantized: `[b, h, n - start, head_dim]`."""
         assert self.packed is not None and self.scale is not None
-        return dequantize_fast(
+        return dequantize_parts(
             self.packed[..., start:, :],
             self.scale[..., start:, :],
             None if self.zero is None else self.zero[..., start:, :],
@@ -144,7 +143,7 @@ class ChannelStore(_PackedStore):
         assert self.packed is not None and self.scale is not None
         first_block = start // self.block
         token0 = first_block * self.block
-        out = dequantize_fast(
+        out = dequantize_parts(
             self.packed[..., token0:, :],
             self.scale[..., first_block:, :],
             None if self.zero is None else self.zero[..., first_block:, :],

@@ -16,9 +16,13 @@ def test_pack_unpack_round_trip_is_exact(bits, shape):
 
 
 def test_packed_layout_matches_the_documented_diagram():
-    codes = torch.tensor([1, 2, 3, 0, 2], dtype=torch.uint8)
-    assert pack(codes, 2).tolist() == [1 | 2 << 2 | 3 << 4 | 0 << 6, 2]
-    assert pack(codes, 4).tolist() == [1 | 2 << 4, 3 | 0 << 4, 2]
+    codes = torch.tensor([1, 2, 3, 0, 2, 1, 3, 3], dtype=torch.uint8)
+    # 2 bits, planes of m = 2: byte i = c[i] | c[2 + i] << 2 | c[4 + i] << 4 | c[6 + i] << 6
+    assert pack(codes, 2).tolist() == [1 | 3 << 2 | 2 << 4 | 3 << 6, 2 | 0 << 2 | 1 << 4 | 3 << 6]
+    # 4 bits, planes of m = 4: byte i = c[i] | c[4 + i] << 4
+    assert pack(codes, 4).tolist() == [1 | 2 << 4, 2 | 1 << 4, 3 | 3 << 4, 0 | 3 << 4]
+    # an odd row is padded with zero codes: 5 codes -> planes of 3
+    assert pack(codes[:5], 4).tolist() == [1 | 0 << 4, 2 | 2 << 4, 3 | 0 << 4]
 
 
 def test_packing_is_dense():
