@@ -143,6 +143,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     )
 
 
+@torch.no_grad()  # quantization is not differentiable; out= writes refuse autograd inputs
 def dequantize_parts(
     packed: torch.Tensor,
     scale: torch.Tensor,
