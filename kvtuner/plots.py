@@ -1,0 +1,159 @@
+"""Plots of the results tables (matplotlib, Agg backend: no display needed).
+
+- `plot_quality_vs_bits`: KL against equivalent bits (left) and effective bits (right), uniform
+  configs against searched ones (and peers), log KL axis.
+- `plot_precision_map`: the per-layer key and value bits of each searched config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from kvtuner.precision import PrecisionPair
+
+# kind -> (label, marker, colour); kinds missing from a frame are skipped
+SERIES: tuple[tuple[str, str, str, str], ...] = (
+    ("uniform", "uniform", "s", "tab:red"),
+    ("searched", "searched (kvtuner)", "o", "tab:blue"),
+    ("peer", "transformers QuantizedCache", "^", "tab:green"),
+)
+BIT_COLOURS: dict[int, str] = {2: "#d7301f", 4: "#fc8d59", 8: "#91cf60", 16: "#4575b4"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_quality_vs_bits(results: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
+    """Write the quality-vs-bits figure of one (model, scheme) results frame to `path`.
+
+    `results` needs columns `config`, `kind`, `equivalent_bits`, `effective_bits`, `kl`,
+    `kl_stderr`. Rows without a positive KL (the dense reference, KL 0; unmeasured peers) cannot
+    sit on a log axis and are left out. Returns `path`.
+    """
+    plt = _pyplot()
+    shown = results[pd.to_numeric(results["kl"], errors="coerce") > 0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, column, xlabel in (
+        (axes[0], "equivalent_bits", "equivalent bits (mean of K and V bits over layers)"),
+        (axes[1], "effective_bits", "effective bits (with scales, zeros, residual)"),
+    ):
+        for kind, label, marker, colour in SERIES:
+            part = shown[shown["kind"] == kind].sort_values(column)
+            part = part[pd.to_numeric(part[column], errors="coerce").notna()]
+            if part.empty:
+                continue
+            kl = part["kl"].astype(float)
+            err = part["kl_stderr"].astype(float).fillna(0).clip(lower=0)
+            # a log axis cannot draw a lower bar at or below zero
+            ax.errorbar(
+                part[column].astype(float),
+                kl,
+                yerr=[err.clip(upper=kl * 0.9), err],
+                fmt=f"{marker}-" if kind != "peer" else marker,
+                color=colour,
+                mfc="none" if kind == "uniform" else colour,
+                ms=7,
+                lw=1.2,
+                capsize=2,
+                label=label,
+            )
+            for _, row in part.iterrows():
+                ax.annotate(
+                    str(row["config"]).removeprefix("kvtuner "),
+                    (float(row[column]), float(row["kl"])),
+                    textcoords="offset points",
+                    xytext=(5, 4),
+                    fontsize=7,
+                    color=colour,
+                )
+        ax.set_yscale("log")
+        ax.margins(x=0.1)  # room for the labels of the end points
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("KL(fp || quantized), nats/token")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_precision_map(
+    configs: Sequence[tuple[str, Sequence[PrecisionPair]]],
+    path: str | Path,
+    *,
+    title: str = "",
+    highlight_layers: Collection[int] = (),
+) -> Path:
+    """Write a map of per-layer bits: layers on x, two rows (K, V) per config on y, each cell annotated.
+
+    `configs` is `[(label, per-layer pairs), ...]`, all with the same number of layers;
+    `highlight_layers` get a `*` on the x axis (e.g. Gemma 3's full-attention layers).
+    Raises ValueError when `configs` is empty or the layer counts differ. Returns `path`.
+    """
+    if not configs:
+        raise ValueError("no configs to map")
+    num_layers = {len(pairs) for _, pairs in configs}
+    if len(num_layers) != 1:
+        raise ValueError(f"configs have different layer counts: {sorted(num_layers)}")
+    (layers,) = num_layers
+    plt = _pyplot()
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
+    bits = sorted(BIT_COLOURS)
+    grid = [
+        [getattr(pair, field) for pair in pairs]
+        for _, pairs in configs
+        for field in ("key_bits", "value_bits")
+    ]
+    index = [[bits.index(b) for b in row] for row in grid]
+    cmap = ListedColormap([BIT_COLOURS[b] for b in bits])
+    norm = BoundaryNorm([i - 0.5 for i in range(len(bits) + 1)], cmap.N)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.34 * layers + 2.5), 0.42 * len(grid) + 1.6))
+    ax.imshow(index, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    for y, row in enumerate(grid):
+        for x, value in enumerate(row):
+            ax.text(x, y, str(value), ha="center", va="center", fontsize=7, color="black")
+    for boundary in range(2, len(grid), 2):  # white rule between configs
+        ax.axhline(boundary - 0.5, color="white", lw=3)
+    ax.set_yticks(range(len(grid)))
+    ax.set_yticklabels([f"{label}  {kv}" for label, _ in configs for kv in ("K", "V")], fontsize=8)
+    ax.set_xticks(range(layers))
+    ax.set_xticklabels(
+        [f"{i}*" if i in highlight_layers else str(i) for i in range(layers)], fontsize=7
+    )
+    note = " (* full attention)" if highlight_layers else ""
+    ax.set_xlabel(f"layer{note}")
+    ax.legend(
+        handles=[Patch(color=BIT_COLOURS[b], label=f"{b} bits") for b in bits],
+        loc="upper left",
+        bbox_to_anchor=(1.005, 1),
+        fontsize=8,
+        frameon=False,
+    )
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    from kvtuner.io import atomic_path
+
+    plt = _pyplot()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
+    return Path(path)
