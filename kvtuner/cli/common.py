@@ -12,20 +12,45 @@ DEFAULT_MODEL = "gemma-3-270m"
 
 ModelOption = Annotated[
     str,
-    typer.Option("--model", "-m", help="Embedded name (gemma-3-270m, smollm2-135m), hub id, folder or .gguf file."),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Embedded name (gemma-3-270m, smollm2-135m), hub id, folder or .gguf file.",
+    ),
 ]
 ConfigOption = Annotated[
     str,
-    typer.Option("--config", "-c", help="Precision config: a YAML path or a uniform spec (fp16, KV8, K8V4, KV4, K4V2, KV2)."),
+    typer.Option(
+        "--config",
+        "-c",
+        help="Precision config: a YAML path or a uniform spec (fp16, KV8, K8V4, KV4, K4V2, KV2).",
+    ),
 ]
-SchemeOption = Annotated[str, typer.Option("--scheme", help="Quantization scheme: per-token or kivi.")]
+SchemeOption = Annotated[
+    str, typer.Option("--scheme", help="Quantization scheme: per-token or kivi.")
+]
 DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda or mps.")]
 DtypeOption = Annotated[
     str | None,
-    typer.Option("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)."),
+    typer.Option(
+        "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)."
+    ),
 ]
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else on stdout.")]
+# the evaluation protocol of `eval` and `search` (defaults differ per command)
+ContextOption = Annotated[
+    int, typer.Option("--context", help="Tokens of quantized history before the scored ones.")
+]
+ContinuationOption = Annotated[
+    int, typer.Option("--continuation", help="Scored tokens per sample.")
+]
+ChunkOption = Annotated[int, typer.Option("--chunk", help="Scored tokens fed per forward.")]
+MaxNewTokensOption = Annotated[
+    int, typer.Option("--max-new-tokens", help="Answer length for --tasks (accuracy).")
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object and nothing else on stdout.")
+]
 
 
 def emit_json(obj: Any) -> None:

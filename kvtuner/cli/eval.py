@@ -10,10 +10,14 @@ import typer
 from kvtuner.cli.app import app
 from kvtuner.cli.common import (
     DEFAULT_MODEL,
+    ChunkOption,
     ConfigOption,
+    ContextOption,
+    ContinuationOption,
     DeviceOption,
     DtypeOption,
     JsonOption,
+    MaxNewTokensOption,
     ModelOption,
     SeedOption,
     emit_json,
@@ -37,13 +41,9 @@ def eval_command(
         ),
     ] = None,
     samples: Annotated[int, typer.Option("--samples", help="Number of text samples.")] = 6,
-    context: Annotated[
-        int, typer.Option("--context", help="Tokens of quantized history before the scored ones.")
-    ] = 512,
-    continuation: Annotated[
-        int, typer.Option("--continuation", help="Scored tokens per sample.")
-    ] = 128,
-    chunk: Annotated[int, typer.Option("--chunk", help="Scored tokens fed per forward.")] = 32,
+    context: ContextOption = 512,
+    continuation: ContinuationOption = 128,
+    chunk: ChunkOption = 32,
     tasks: Annotated[
         Path | None,
         typer.Option(
@@ -51,9 +51,7 @@ def eval_command(
             help="Also exact-match accuracy on a JSONL of {question, answer} (GSM8K style).",
         ),
     ] = None,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", help="Answer length for --tasks.")
-    ] = 256,
+    max_new_tokens: MaxNewTokensOption = 256,
     seed: SeedOption = 0,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,

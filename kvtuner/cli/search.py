@@ -11,9 +11,13 @@ import typer
 from kvtuner.cli.app import app
 from kvtuner.cli.common import (
     DEFAULT_MODEL,
+    ChunkOption,
+    ContextOption,
+    ContinuationOption,
     DeviceOption,
     DtypeOption,
     JsonOption,
+    MaxNewTokensOption,
     ModelOption,
     SeedOption,
     emit_json,
@@ -104,13 +108,9 @@ def search(
     samples: Annotated[
         int, typer.Option("--samples", help="Held-out samples per evaluation (kl, ppl).")
     ] = 2,
-    context: Annotated[
-        int, typer.Option("--context", help="Tokens of quantized history per sample.")
-    ] = 512,
-    continuation: Annotated[
-        int, typer.Option("--continuation", help="Scored tokens per sample.")
-    ] = 64,
-    chunk: Annotated[int, typer.Option("--chunk", help="Scored tokens fed per forward.")] = 32,
+    context: ContextOption = 512,
+    continuation: ContinuationOption = 64,
+    chunk: ChunkOption = 32,
     text: Annotated[
         Path | None,
         typer.Option("--text", help="Evaluation text (default: shipped held-out text)."),
@@ -119,9 +119,7 @@ def search(
         Path | None,
         typer.Option("--tasks", help="JSONL of {question, answer} for --objective accuracy."),
     ] = None,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", help="Answer length for accuracy.")
-    ] = 256,
+    max_new_tokens: MaxNewTokensOption = 256,
     seed: SeedOption = 0,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
