@@ -33,20 +33,20 @@ def packed_size(n: int, bits: int) -> int:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes `[..., n]` (each < 2**bits) -> packed uint8 `[..., ceil(n * bits / 8)]`."""
+    """Integer codes `[..., n]` (each < 2**bits; uint8 or float) -> packed uint8 `[..., ceil(n * bits / 8)]`."""
     per = codes_per_byte(bits)
-    codes = codes.to(torch.uint8)
     if per == 1:
-        return codes.contiguous()
+        return codes.to(torch.uint8).contiguous()
     n = codes.shape[-1]
     pad = (-n) % per
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
     planes = codes.reshape(*codes.shape[:-1], per, -1)
-    packed = planes[..., 0, :].clone()
-    for plane in range(1, per):
-        packed |= planes[..., plane, :] << (plane * bits)
-    return packed
+    # byte = sum of plane p << (p * bits); the sum never exceeds 255, so it is exact in uint8 too
+    packed = torch.add(planes[..., 0, :], planes[..., 1, :], alpha=1 << bits)
+    for plane in range(2, per):
+        packed.add_(planes[..., plane, :], alpha=1 << (plane * bits))
+    return packed.to(torch.uint8)
 
 
 def unpack_planes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ so dequantization is within half a step of the input for every finite element.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,38 +57,44 @@ def _qmax(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def _group_stats(
+def _quantize_groups(
     x: torch.Tensor, dim: int, bits: int, symmetric: bool, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale and zero over `dim` (kept), computed in float32 and rounded to the storage dtype."""
-    if bool(torch.isfinite(x).all()):
-        lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    else:
-        # statistics over finite values only; an all-non-finite group gets the range [0, 0]
-        finite = torch.isfinite(x)
-        lo = torch.where(finite, x, torch.inf).amin(dim, keepdim=True)
-        hi = torch.where(finite, x, -torch.inf).amax(dim, keepdim=True)
-        empty = lo > hi
-        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Float codes of float32 `x` with scale and zero over `dim` (kept), stored in `dtype`.
+
+    Few kernels on purpose: the cache quantizes one token per layer per decode step, where the
+    number of ops, not their size, is the cost. Non-finite inputs take a slower exact path.
+    """
+    lo, hi = torch.aminmax(x, dim=dim, keepdim=True)
+    span = hi - lo
+    finite = math.isfinite(float(span.sum()))  # NaN or inf anywhere makes the sum non-finite
+    if not finite:
+        lo, hi = _finite_range(x, dim)
+        span = hi - lo
     if symmetric:
-        scale = torch.maximum(lo.abs(), hi.abs()) / ((1 << (bits - 1)) - 1)
-        return scale.to(dtype), None
-    return ((hi - lo) / _qmax(bits)).to(dtype), lo.to(dtype)
-
-
-def _codes(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
-) -> torch.Tensor:
-    """Integer codes of float32 `x` against the stored scale/zero (broadcast over the group dim)."""
-    scale32 = scale.float()
-    inverse = 1.0 / torch.where(scale32 == 0, torch.ones_like(scale32), scale32)
-    if zero is None:
-        q = torch.round(x * inverse) + (1 << (bits - 1))
+        scale = (torch.maximum(lo.abs(), hi.abs()) / ((1 << (bits - 1)) - 1)).to(dtype)
+        zero = None
     else:
-        q = torch.round((x - zero.float()) * inverse)
-    # NaN becomes code 0; +-inf clamp to the ends of the range
-    q = torch.nan_to_num(q, nan=0.0)
-    return q.clamp_(0, _qmax(bits)).to(torch.uint8)
+        scale, zero = (span / _qmax(bits)).to(dtype), lo.to(dtype)
+    # codes are rounded against the stored scale/zero; a zero scale means a constant group
+    # (x - zero is 0 there), so dividing by the smallest normal number is exact
+    safe = scale.float().clamp_min(torch.finfo(torch.float32).tiny)
+    if zero is None:
+        codes = (x / safe).round_().add_(1 << (bits - 1))
+    else:
+        codes = (x - zero.float()).div_(safe).round_()
+    if not finite:
+        codes.nan_to_num_(nan=0.0)  # NaN becomes code 0; +-inf clamp to the ends of the range
+    return codes.clamp_(0, _qmax(bits)), scale, zero
+
+
+def _finite_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over finite values only; an all-non-finite group gets the range [0, 0]."""
+    finite = torch.isfinite(x)
+    lo = torch.where(finite, x, torch.inf).amin(dim, keepdim=True)
+    hi = torch.where(finite, x, -torch.inf).amax(dim, keepdim=True)
+    empty = lo > hi
+    return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
 
 
 def quantize_per_token(
@@ -99,8 +106,8 @@ def quantize_per_token(
     if head_dim % group:
         raise ValueError(f"group_size {group} must divide head_dim {head_dim}")
     x32 = x.float().reshape(*x.shape[:-1], head_dim // group, group)
-    scale, zero = _group_stats(x32, -1, bits, symmetric, x.dtype)
-    codes = _codes(x32, scale, zero, bits).reshape(x.shape)
+    codes, scale, zero = _quantize_groups(x32, -1, bits, symmetric, x.dtype)
+    codes = codes.reshape(x.shape)
     return QuantizedTensor(
         packed=pack(codes, bits),
         scale=scale.squeeze(-1),
@@ -123,8 +130,8 @@ def quantize_per_channel(
     if seq % group_size:
         raise ValueError(f"seq {seq} must be a multiple of group_size {group_size}")
     x32 = x.float().reshape(*x.shape[:-2], seq // group_size, group_size, head_dim)
-    scale, zero = _group_stats(x32, -2, bits, symmetric, x.dtype)
-    codes = _codes(x32, scale, zero, bits).reshape(x.shape)
+    codes, scale, zero = _quantize_groups(x32, -2, bits, symmetric, x.dtype)
+    codes = codes.reshape(x.shape)
     return QuantizedTensor(
         packed=pack(codes, bits),
         scale=scale.squeeze(-2),
@@ -143,7 +150,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     )
 
 
-@torch.no_grad()  # quantization is not differentiable; out= writes refuse autograd inputs
+@torch.no_grad()  # quantization is not differentiable; in-place writes refuse autograd inputs
 def dequantize_parts(
     packed: torch.Tensor,
     scale: torch.Tensor,
@@ -156,9 +163,11 @@ def dequantize_parts(
 ) -> torch.Tensor:
     """Dequantize from raw parts (see QuantizedTensor for the shapes) -> `[..., seq, head_dim]`.
 
-    This is the decode hot path: each code plane of the packed bytes (see `packing`) is one
-    contiguous slice of the output, written by one multiply-add straight from the uint8 codes
-    into a preallocated output (no float copy of the codes, no interleaving).
+    This is the decode hot path, three kinds of pass, each a vectorized kernel on one dtype:
+    every code plane of the packed bytes (see `packing`) is unpacked and converted straight into
+    its contiguous slice of a preallocated output, then the whole output is scaled and shifted in
+    place by group (`code * scale + zero`). No float copy of the codes, no interleaving, no
+    mixed-dtype arithmetic (which PyTorch runs element by element on CPU).
     """
     dtype = dtype or scale.dtype
     scale = scale.to(dtype)
@@ -167,61 +176,21 @@ def dequantize_parts(
     else:
         zero = zero.to(dtype)
     seq, width = packed.shape[-2], packed.shape[-1]
-    if not per_channel and not _planes_align(width, head_dim, group_size):
-        return _dequantize_per_token_generic(packed, scale, zero, bits, head_dim, group_size)
     out = torch.empty((*packed.shape[:-1], head_dim), dtype=dtype, device=packed.device)
-    if per_channel:
-        blocks = seq // group_size
-        out_blocks = out.view(*out.shape[:-2], blocks, group_size, head_dim)
-        s, z = scale.unsqueeze(-2), zero.unsqueeze(-2)  # [..., blocks, 1, head_dim]
     for index, plane in enumerate(unpack_planes(packed, bits)):
         lo = index * width
         hi = min(lo + width, head_dim)
         if lo >= hi:
             break  # a plane of padding codes only
-        codes = plane[..., : hi - lo]
-        if per_channel:
-            codes = codes.reshape(*codes.shape[:-2], blocks, group_size, hi - lo)
-            torch.addcmul(z[..., lo:hi], codes, s[..., lo:hi], out=out_blocks[..., lo:hi])
-        elif lo // group_size == (hi - 1) // group_size:  # the plane lies inside one group
-            g = lo // group_size
-            torch.addcmul(zero[..., g : g + 1], codes, scale[..., g : g + 1], out=out[..., lo:hi])
-        else:  # the plane spans whole groups (groups are aligned to planes: both divide head_dim)
-            shape = (*codes.shape[:-1], (hi - lo) // group_size, group_size)
-            g0, g1 = lo // group_size, hi // group_size
-            torch.addcmul(
-                zero[..., g0:g1, None],
-                codes.reshape(shape),
-                scale[..., g0:g1, None],
-                out=out[..., lo:hi].view(shape),
-            )
+        out[..., lo:hi].copy_(plane[..., : hi - lo])
+    if per_channel:
+        grouped = out.view(*out.shape[:-2], seq // group_size, group_size, head_dim)
+        s, z = scale.unsqueeze(-2), zero.unsqueeze(-2)  # [..., blocks, 1, head_dim]
+    else:
+        grouped = out.view(*out.shape[:-1], head_dim // group_size, group_size)
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)  # [..., seq, groups, 1]
+    grouped.mul_(s).add_(z)
     return out
-
-
-def _planes_align(width: int, head_dim: int, group_size: int) -> bool:
-    """Each code plane lies inside one channel group or spans whole groups."""
-    for lo in range(0, head_dim, width):
-        hi = min(lo + width, head_dim)
-        inside = lo // group_size == (hi - 1) // group_size
-        whole = lo % group_size == 0 and (hi - lo) % group_size == 0
-        if not (inside or whole):
-            return False
-    return True
-
-
-def _dequantize_per_token_generic(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    bits: int,
-    head_dim: int,
-    group_size: int,
-) -> torch.Tensor:
-    """Per-token dequantization for groups that straddle code planes (unusual group sizes)."""
-    codes = unpack(packed, bits, head_dim).to(scale.dtype)
-    grouped = codes.reshape(*codes.shape[:-1], head_dim // group_size, group_size)
-    out = torch.addcmul(zero.unsqueeze(-1), grouped, scale.unsqueeze(-1))
-    return out.reshape(*packed.shape[:-1], head_dim)
 
 
 def dequantize_reference(
@@ -249,7 +218,7 @@ def dequantize_reference(
     else:
         grouped = codes.reshape(*codes.shape[:-1], head_dim // group_size, group_size)
         s, z = scale.to(dtype).unsqueeze(-1), None if zero is None else zero.to(dtype).unsqueeze(-1)
-    out = grouped * s if z is None else torch.addcmul(z, grouped, s)
+    out = grouped * s if z is None else grouped * s + z
     return out.reshape(*packed.shape[:-1], head_dim)
 
 
