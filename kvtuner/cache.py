@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from kvtuner.compat import sliding_windows, text_config
 from kvtuner.errors import ConfigError
 from kvtuner.precision import PrecisionPair
-from kvtuner.quant.store import Store, make_store
+from kvtuner.quant.store import make_kv_stores
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -52,11 +52,10 @@ class QuantizedKVLayer(DynamicLayer):
         kivi = scheme == "kivi"
         self.residual_length = residual_length if kivi else 0
         self.group_size = group_size
-        self.key_store: Store = make_store(pair.key_bits, per_channel=kivi, group_size=group_size)
-        self.value_store: Store = make_store(
-            pair.value_bits, per_channel=False, group_size=group_size
+        self.stores = make_kv_stores(
+            pair.key_bits, pair.value_bits, kivi=kivi, group_size=group_size
         )
-        self.block = max(self.key_store.block, self.value_store.block)
+        self.block = self.stores.block
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.quantize_prefill = quantize_prefill
@@ -86,8 +85,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.cumulative_length += new
         if self.block == 1 and self.residual_length == 0:
             # per-token without residual: new tokens go straight into the stores
-            self.key_store.append(key_states)
-            self.value_store.append(value_states)
+            self.stores.append(key_states, value_states)
             if self._res_k is None:
                 # empty residual of the right shape (new tensors: a view would keep the prompt alive)
                 self._res_k = key_states.new_empty(
@@ -104,8 +102,7 @@ class QuantizedKVLayer(DynamicLayer):
         if past == 0 and not self.quantize_prefill:
             keys, values = key_states, value_states
         else:
-            keys = self._read(self.key_store, self._res_k, visible)
-            values = self._read(self.value_store, self._res_v, visible)
+            keys, values = self._read(visible)
         self._trim()
         return keys, values
 
@@ -148,8 +145,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for store in (self.key_store, self.value_store):
-            store.index_batch(indices)
+        self.stores.index_batch(indices)
         if self._res_k is not None:
             self._res_k = self._res_k.index_select(0, indices.to(self._res_k.device))
             self._res_v = self._res_v.index_select(0, indices.to(self._res_v.device))
@@ -167,12 +163,11 @@ class QuantizedKVLayer(DynamicLayer):
     def stored_tokens(self) -> int:
         """Tokens held (packed plus residual); sliding layers hold about their window."""
         residual = 0 if self._res_k is None else self._res_k.shape[-2]
-        return self.key_store.seq_len + residual
+        return self.stores.seq_len + residual
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer holds."""
-        held = self.key_store.tensors() + self.value_store.tensors()
-        return held + [t for t in (self._res_k, self._res_v) if t is not None]
+        return self.stores.tensors() + [t for t in (self._res_k, self._res_v) if t is not None]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -193,32 +188,29 @@ class QuantizedKVLayer(DynamicLayer):
         count = (waiting - self.residual_length) // self.block * self.block
         if count <= 0:
             return
-        self.key_store.append(self._res_k[..., :count, :])
-        self.value_store.append(self._res_v[..., :count, :])
+        self.stores.append(self._res_k[..., :count, :], self._res_v[..., :count, :])
         self._res_k = self._res_k[..., count:, :].clone()
         self._res_v = self._res_v[..., count:, :].clone()
 
-    @staticmethod
-    def _read(store: Store, residual: torch.Tensor, visible: int) -> torch.Tensor:
-        """The last `visible` tokens of store + residual, dequantized."""
-        stored = store.seq_len
-        total = stored + residual.shape[-2]
-        start = total - visible
+    def _read(self, visible: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last `visible` keys and values of stores + residual, dequantized."""
+        stored = self.stores.seq_len
+        start = stored + self._res_k.shape[-2] - visible
         if start >= stored:
-            return residual[..., start - stored :, :]
-        return _cat(store.read(start), residual)
+            return self._res_k[..., start - stored :, :], self._res_v[..., start - stored :, :]
+        keys, values = self.stores.read(start)
+        return _cat(keys, self._res_k), _cat(values, self._res_v)
 
     def _trim(self) -> None:
         """Sliding layers: drop what the next step cannot see (whole blocks only)."""
         if not self.is_sliding:
             return
         excess = self.stored_tokens - (self.sliding_window - 1)
-        drop = min(max(excess, 0) // self.block * self.block, self.key_store.seq_len)
+        drop = min(max(excess, 0) // self.block * self.block, self.stores.seq_len)
         if drop > 0:
-            self.key_store.drop_front(drop)
-            self.value_store.drop_front(drop)
+            self.stores.drop_front(drop)
         excess = self.stored_tokens - (self.sliding_window - 1)
-        if excess > 0 and self.key_store.seq_len == 0:
+        if excess > 0 and self.stores.seq_len == 0:
             # a residual longer than the window: it holds the window itself
             self._res_k = self._res_k[..., excess:, :].clone()
             self._res_v = self._res_v[..., excess:, :].clone()

@@ -131,14 +131,14 @@ def test_kivi_keeps_a_full_precision_residual_and_never_requantizes():
     cache = tiny_cache("KV2", scheme="kivi", group_size=8, residual_length=8)
     layer = cache.layers[0]
     feed(cache, [20])
-    assert layer.key_store.seq_len == 8 and layer._res_k.shape[-2] == 12
-    packed_before = layer.key_store.packed.clone()
-    scale_before = layer.key_store.scale.clone()
+    assert layer.stores.keys.seq_len == 8 and layer._res_k.shape[-2] == 12
+    packed_before = layer.stores.keys.packed.clone()
+    scale_before = layer.stores.keys.scale.clone()
     feed(cache, [1] * 13, seed=1)
-    assert layer.key_store.seq_len == 24 and layer._res_k.shape[-2] == 9
+    assert layer.stores.keys.seq_len == 24 and layer._res_k.shape[-2] == 9
     assert 8 <= layer._res_k.shape[-2] < 16
-    assert torch.equal(layer.key_store.packed[..., :8, :], packed_before)
-    assert torch.equal(layer.key_store.scale[..., :1, :], scale_before)
+    assert torch.equal(layer.stores.keys.packed[..., :8, :], packed_before)
+    assert torch.equal(layer.stores.keys.scale[..., :1, :], scale_before)
 
 
 def test_newest_tokens_are_exact_under_kivi():

@@ -97,6 +97,7 @@ def _finite_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
     return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
 
 
+@torch.no_grad()  # codes have no gradient; this also keeps the range check off the autograd graph
 def quantize_per_token(
     x: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False
 ) -> QuantizedTensor:
@@ -119,6 +120,7 @@ def quantize_per_token(
     )
 
 
+@torch.no_grad()
 def quantize_per_channel(
     x: torch.Tensor, bits: int, group_size: int, symmetric: bool = False
 ) -> QuantizedTensor:

@@ -7,6 +7,11 @@ already stored: packed rows are concatenated.
 - `RawStore`: 16 bits, kept as is.
 - `TokenStore`: per-token groups along head_dim (one scale/zero per token per group).
 - `ChannelStore`: per-channel groups of `block` tokens (KIVI keys); appends whole blocks only.
+
+A layer holds its keys and values as `SeparateKV` (two stores, each its own bits and grouping) or,
+when both have the same bits and grouping, as `StackedKV`: one store of `[2, batch, ...]` tensors,
+so each decode step runs every quantize/dequantize kernel once for both (the number of small
+kernels, not their size, is what a one-token step costs on CPU).
 """
 
 from __future__ import annotations
@@ -49,9 +54,9 @@ class RawStore:
     def tensors(self) -> list[torch.Tensor]:
         return [] if self.data is None else [self.data]
 
-    def index_batch(self, index: torch.Tensor) -> None:
+    def index_batch(self, index: torch.Tensor, dim: int = 0) -> None:
         if self.data is not None:
-            self.data = self.data.index_select(0, index.to(self.data.device))
+            self.data = self.data.index_select(dim, index.to(self.data.device))
 
 
 class _PackedStore:
@@ -88,11 +93,11 @@ class _PackedStore:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.packed, self.scale, self.zero) if t is not None]
 
-    def index_batch(self, index: torch.Tensor) -> None:
+    def index_batch(self, index: torch.Tensor, dim: int = 0) -> None:
         for name in ("packed", "scale", "zero"):
             t = getattr(self, name)
             if t is not None:
-                setattr(self, name, t.index_select(0, index.to(t.device)))
+                setattr(self, name, t.index_select(dim, index.to(t.device)))
 
 
 class TokenStore(_PackedStore):
@@ -156,6 +161,76 @@ class ChannelStore(_PackedStore):
 
 
 Store = RawStore | TokenStore | ChannelStore
+
+
+class SeparateKV:
+    """Keys and values of one layer in two stores."""
+
+    def __init__(self, keys: Store, values: Store) -> None:
+        self.keys, self.values = keys, values
+        self.block = max(keys.block, values.block)
+
+    @property
+    def seq_len(self) -> int:
+        return self.keys.seq_len
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys.append(keys)
+        self.values.append(values)
+
+    def read(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys.read(start), self.values.read(start)
+
+    def drop_front(self, n: int) -> None:
+        self.keys.drop_front(n)
+        self.values.drop_front(n)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.keys.tensors() + self.values.tensors()
+
+    def index_batch(self, index: torch.Tensor) -> None:
+        self.keys.index_batch(index)
+        self.values.index_batch(index)
+
+
+class StackedKV:
+    """Keys and values with the same bits and grouping, held stacked in one store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.block = store.block
+
+    @property
+    def seq_len(self) -> int:
+        return self.store.seq_len
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.store.append(torch.stack((keys, values)))
+
+    def read(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        both = self.store.read(start)
+        return both[0], both[1]
+
+    def drop_front(self, n: int) -> None:
+        self.store.drop_front(n)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.store.tensors()
+
+    def index_batch(self, index: torch.Tensor) -> None:
+        self.store.index_batch(index, dim=1)  # dim 0 tells keys from values
+
+
+def make_kv_stores(
+    key_bits: int, value_bits: int, *, kivi: bool, group_size: int | None
+) -> SeparateKV | StackedKV:
+    """A layer's stores: per-channel KIVI keys or different bits keep two stores, else one stacked."""
+    if not kivi and key_bits == value_bits:
+        return StackedKV(make_store(key_bits, per_channel=False, group_size=group_size))
+    return SeparateKV(
+        make_store(key_bits, per_channel=kivi, group_size=group_size),
+        make_store(value_bits, per_channel=False, group_size=group_size),
+    )
 
 
 def make_store(bits: int, *, per_channel: bool, group_size: int | None) -> Store:

@@ -6,6 +6,7 @@ import torch
 from conftest import build_tiny_model
 
 import kvtuner
+from kvtuner import cache as cache_module
 from kvtuner.compat import with_cache
 from kvtuner.quant import (
     dequantize_parts,
@@ -63,3 +64,37 @@ def test_fast_decode_gives_the_same_tokens_as_the_plain_path(monkeypatch, scheme
     fast = run()
     monkeypatch.setattr(store_module, "dequantize_parts", dequantize_reference)
     assert torch.equal(run(), fast)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_stacked_keys_and_values_give_the_same_tokens_as_two_stores(monkeypatch, beams):
+    """KV4 layers hold K and V stacked in one store; two separate stores must decode identically
+    (greedy and beam search, which reorders the stacked tensors along the batch dimension)."""
+    model = build_tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+
+    def run() -> tuple[torch.Tensor, type]:
+        cache = kvtuner.quantized_cache(model, "KV4")
+        out = model.generate(
+            ids,
+            **with_cache(model, cache),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            num_beams=beams,
+            do_sample=False,
+        )
+        return out, type(cache.layers[0].stores)
+
+    stacked, kind = run()
+    assert kind is store_module.StackedKV
+
+    def separate(key_bits, value_bits, *, kivi, group_size):
+        return store_module.SeparateKV(
+            store_module.make_store(key_bits, per_channel=kivi, group_size=group_size),
+            store_module.make_store(value_bits, per_channel=False, group_size=group_size),
+        )
+
+    monkeypatch.setattr(cache_module, "make_kv_stores", separate)
+    reference, kind = run()
+    assert kind is store_module.SeparateKV
+    assert torch.equal(stacked, reference)
