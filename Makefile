@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 KVTUNER := $(VENV)/bin/kvtuner
 MODEL ?= gemma-3-270m
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint reproduce clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,11 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# the README's result tables and plots (about 30 minutes on 2 cores; peers: transformers QuantizedCache)
+reproduce: install
+	$(PIP) install -q -e ".[models,test,peers]"
+	$(PY) scripts/reproduce.py
 
 lint: install
 	$(VENV)/bin/ruff check kvtuner tests scripts

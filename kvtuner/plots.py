@@ -66,12 +66,14 @@ def plot_quality_vs_bits(results: pd.DataFrame, path: str | Path, *, title: str 
                 capsize=2,
                 label=label,
             )
+            # searched labels below their points, the others above: the two often coincide
+            offset = (5, -11) if kind == "searched" else (5, 4)
             for _, row in part.iterrows():
                 ax.annotate(
                     str(row["config"]).removeprefix("kvtuner "),
                     (float(row[column]), float(row["kl"])),
                     textcoords="offset points",
-                    xytext=(5, 4),
+                    xytext=offset,
                     fontsize=7,
                     color=colour,
                 )

@@ -14,8 +14,10 @@ tensors it holds) and their ratio to the dense cache; decode tokens/s at `--benc
 and its ratio to the dense cache measured side by side (`kvtuner.bench.run_bench`).
 
 Writes under `--out`: `<model>_<scheme>.csv`, `quality_vs_bits_<model>_<scheme>.png`,
-`precision_map_<model>_<scheme>.png`, `environment.json`; and the tables into `--readme` between
-`<!-- results:<model>:<scheme>:start -->` and `<!-- results:<model>:<scheme>:end -->`.
+`precision_map_<model>_<scheme>.png`, `<model>_<scheme>.md` (the README block), `environment.json`;
+and the blocks into `--readme` between `<!-- results:<model>:<scheme>:start -->` and
+`<!-- results:<model>:<scheme>:end -->` (a README without the markers is left unchanged;
+`--readme-only` places the saved blocks later without measuring again).
 Progress goes to stderr, the final tables to stdout. `--quick` is a smoke test of a few minutes
 (SmolLM2, per-token, 2 samples, short bench) that writes to a temporary folder, not the README.
 """
@@ -75,6 +77,7 @@ class Settings:
     bench_tokens: int
     bench_rounds: int
     peers: bool
+    readme_only: bool = False
 
 
 @dataclass
@@ -507,10 +510,9 @@ def write_outputs(
                 highlight_layers=full if facts["sliding"] else (),
             )
         log(f"wrote {_relative(csv)} and its plots")
-        blocks[block_key(name, scheme)] = {
-            "markdown": readme_block(frame, name, scheme, facts, settings),
-            "title": f"{name}, {scheme}",
-        }
+        markdown = readme_block(frame, name, scheme, facts, settings)
+        atomic_write_text(settings.out / f"{stem}.md", markdown + "\n")
+        blocks[block_key(name, scheme)] = {"markdown": markdown, "title": f"{name}, {scheme}"}
     return blocks
 
 
@@ -587,15 +589,20 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--out", type=Path, help="default docs/results (--quick: a temp folder)")
     parser.add_argument("--readme", type=Path, help="default README.md (--quick: none)")
     parser.add_argument("--no-readme", action="store_true", help="print the tables only")
+    parser.add_argument(
+        "--readme-only",
+        action="store_true",
+        help="measure nothing: put the tables saved in --out (<model>_<scheme>.md) into --readme",
+    )
     parser.add_argument("--configs", type=Path, default=ROOT / "searched_configs")
     parser.add_argument("--samples", type=int, help="held-out samples per model (default 12)")
     parser.add_argument("--seed", type=int, default=0, help="which held-out windows (default 0)")
     parser.add_argument("--memory-tokens", type=int, default=4096)
     parser.add_argument("--bench-context", type=int, default=2048)
     parser.add_argument(
-        "--bench-tokens", type=int, help="decode steps timed per round (default 16)"
+        "--bench-tokens", type=int, help="decode steps timed per round (default 32)"
     )
-    parser.add_argument("--bench-rounds", type=int, help="timed rounds per bench (default 1)")
+    parser.add_argument("--bench-rounds", type=int, help="timed rounds per bench, median (default 3)")
     parser.add_argument("--no-peers", action="store_true", help="skip transformers' QuantizedCache")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -614,15 +621,49 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         protocol=EvalProtocol(),
         memory_tokens=args.memory_tokens,
         bench_context=args.bench_context if not quick or args.bench_context != 2048 else 256,
-        bench_tokens=args.bench_tokens or (4 if quick else 16),
-        bench_rounds=args.bench_rounds or 1,
+        bench_tokens=args.bench_tokens or (4 if quick else 32),
+        bench_rounds=args.bench_rounds or (1 if quick else 3),
         peers=not args.no_peers,
+        readme_only=args.readme_only,
     )
+
+
+def saved_blocks(settings: Settings) -> dict[str, dict[str, str]]:
+    """The README blocks a previous run saved in `--out`, for the models and schemes asked."""
+    blocks = {}
+    for name in settings.models:
+        for scheme in settings.schemes:
+            path = settings.out / f"{name}_{scheme}.md"
+            if path.is_file():
+                markdown = path.read_text(encoding="utf-8").strip("\n")
+                blocks[block_key(name, scheme)] = {
+                    "markdown": markdown,
+                    "title": f"{name}, {scheme}",
+                }
+            else:
+                log(f"{_relative(path)} not found: run without --readme-only first")
+    return blocks
+
+
+def place_tables(settings: Settings, tables: dict[str, dict[str, str]]) -> None:
+    """Write the blocks into the README (where its markers are) and print them on stdout."""
+    if settings.readme is not None:
+        missing = update_readme(settings.readme, {k: v["markdown"] for k, v in tables.items()})
+        for key in missing:
+            log(
+                f"{settings.readme}: no markers <!-- results:{key}:start/end --> (or the file is "
+                "missing): table printed below, README left unchanged"
+            )
+    for table in tables.values():
+        print(f"\n## {table['title']}\n\n{table['markdown']}")
 
 
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     settings = parse_args(argv)
+    if settings.readme_only:
+        place_tables(settings, saved_blocks(settings))
+        return 0
     log(
         f"models {', '.join(settings.models)}; schemes {', '.join(settings.schemes)}; "
         f"{settings.samples} samples; out {settings.out}"
@@ -636,15 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     env = environment(settings, wall)
     atomic_write_text(settings.out / "environment.json", json.dumps(env, indent=2) + "\n")
-    if settings.readme is not None:
-        missing = update_readme(settings.readme, {k: v["markdown"] for k, v in tables.items()})
-        for key in missing:
-            log(
-                f"{settings.readme}: no markers <!-- results:{key}:start/end --> (or the file is "
-                "missing): table printed below, README left unchanged"
-            )
-    for table in tables.values():
-        print(f"\n## {table['title']}\n\n{table['markdown']}")
+    place_tables(settings, tables)
     for failure in failures:
         log(f"FAILED: {failure}")
     log(
