@@ -50,6 +50,34 @@ def build_tiny_model(arch: str, num_layers: int = 4, seed: int = 0):
     return model.eval()
 
 
+def word_tokenizer():
+    """A word-level fast tokenizer over the tiny models' 128 ids ("w0" ... "w123"), no download."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(124)]
+    backend = Tokenizer(
+        tok_models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="<unk>")
+    )
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def save_tiny_folder(folder, arch: str = "llama"):
+    """A tiny random model and the word tokenizer saved like a hub folder; returns both."""
+    model, tokenizer = build_tiny_model(arch), word_tokenizer()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
 @pytest.fixture(scope="session", params=TINY_ARCHS)
 def tiny_model(request):
     """One tiny random model per architecture."""

@@ -17,7 +17,9 @@ def smollm2_config():
     return load_model_config("smollm2-135m")
 
 
-def filled_cache(model_config, spec: str, scheme: str = "per-token", decode_steps: int = 8) -> KVTunerCache:
+def filled_cache(
+    model_config, spec: str, scheme: str = "per-token", decode_steps: int = 8
+) -> KVTunerCache:
     """A cache holding a 4096-token prefill plus a few decode steps of bf16 K/V of the model's shapes."""
     cfg = text_config(model_config)
     precision = PrecisionConfig.uniform(spec, cfg.num_hidden_layers, scheme=scheme)
@@ -43,7 +45,10 @@ def test_smollm2_bf16_memory_ratio_per_token(smollm2_config, spec, max_ratio):
     assert cache.nbytes() == sum(t.numel() * t.element_size() for t in cache.tensors())
     codes = [t for t in cache.tensors() if t.dtype == torch.uint8]
     bits = int(spec[-1])
-    assert sum(t.numel() for t in codes) == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * CONTEXT * cfg.head_dim * bits // 8
+    assert (
+        sum(t.numel() for t in codes)
+        == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * CONTEXT * cfg.head_dim * bits // 8
+    )
 
 
 def test_smollm2_bf16_memory_ratio_kivi(smollm2_config):

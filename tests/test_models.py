@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import save_tiny_folder
 
 from kvtuner import models
 from kvtuner.cli import main
@@ -19,31 +19,6 @@ from kvtuner.models import (
     resolve_model,
     text_config,
 )
-
-
-def save_tiny_folder(folder, arch="llama"):
-    """A tiny random model plus a word-level tokenizer over its 128 ids, saved like a hub folder."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers import models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
-    model = build_tiny_model(arch)
-    vocab = {
-        t: i
-        for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(124)])
-    }
-    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model, tokenizer
 
 
 @pytest.fixture(scope="module")

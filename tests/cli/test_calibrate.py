@@ -8,7 +8,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import build_tiny_model
+from conftest import save_tiny_folder
 
 from kvtuner.cli import main
 
@@ -16,22 +16,8 @@ from kvtuner.cli import main
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama (GQA, 4 layers, 512 positions) with a word-level tokenizer, saved as a folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(124)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-    )
-    build_tiny_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_folder(folder)
     return folder
 
 

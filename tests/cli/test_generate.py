@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import build_tiny_model
+from conftest import save_tiny_folder
 
 from kvtuner import models
 from kvtuner.cli import main
@@ -12,26 +12,8 @@ from kvtuner.cli import main
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny Llama (4 layers, 2 KV heads, head_dim 16) and a word-level tokenizer, saved as a folder."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers import models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
     folder = tmp_path_factory.mktemp("tiny-llama")
-    vocab = {
-        t: i
-        for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(124)])
-    }
-    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    build_tiny_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_folder(folder)
     return folder
 
 

@@ -129,11 +129,13 @@ def test_killed_search_resumes(workdir, tiny_checkpoint):
     )
     done = 0
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and done < 8:
-        time.sleep(0.2)
-        done = completed_in_sqlite(out / "study.db")
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    try:
+        while time.monotonic() < deadline and done < 8:
+            time.sleep(0.2)
+            done = completed_in_sqlite(out / "study.db")
+    finally:  # also when pytest itself is interrupted: never leave the search running
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
     assert done >= 8, "the search did not get going"
     killed_at = completed_in_sqlite(out / "study.db")
     assert killed_at < 5000
