@@ -1,10 +1,8 @@
 """Calibration: run a model over text samples, capture each layer's Q/K/V, measure per-pair errors.
 
-Queries, keys and values are captured inside attention itself (after RoPE and q/k norms, with the
-scaling and sliding window the model passes), through a custom entry of transformers'
-`AttentionInterface` that records its inputs and then runs SDPA. The same entry can replace one
-layer's keys and values by their quantized versions: that gives `--end-to-end`, the KL of the
-model's next-token distribution when only one layer's KV is quantized.
+Queries, keys and values come from `kvtuner.capture` (inside attention itself, after RoPE); the
+same module gives `--end-to-end`, the KL of the model's next-token distribution when only one
+layer's KV is quantized.
 
 Outputs, in `<out>/<model>/<scheme>/`: sensitivity.csv (layer, key_bits, value_bits,
 equivalent_bits, e_o, e_k, e_v), heatmap.png, metadata.yaml and, with `--end-to-end`,
@@ -15,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,13 @@ from typing import Any
 import pandas as pd
 import torch
 import yaml
-from tqdm.auto import tqdm
 
+from kvtuner.capture import capture_layers, single_layer_kl
 from kvtuner.compat import text_config
 from kvtuner.config import KIVI_GROUP_SIZE, KIVI_RESIDUAL_LENGTH
 from kvtuner.errors import ConfigError
 from kvtuner.io import atomic_path
+from kvtuner.plots import plot_heatmap
 from kvtuner.precision import (
     QUANTIZED_BITS,
     SCHEMES,
@@ -38,18 +37,9 @@ from kvtuner.precision import (
 )
 from kvtuner.sensitivity import (
     COLUMNS,
-    LayerCapture,
     QuantScheme,
-    attend,
-    attention_probs,
     sensitivity_table,
 )
-
-IMPLEMENTATION = "kvtuner_capture"
-# hook(module, query, key, value, kwargs) -> attention output `[batch, seq, heads, head_dim]` or None
-AttentionHook = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor | None]
-_HOOKS: list[AttentionHook] = []
-
 
 # -- settings ---------------------------------------------------------------------------------
 
@@ -128,179 +118,6 @@ def check_settings(settings: CalibrationSettings, model_config: Any) -> None:
             f"--seq-len {s.seq_len} leaves nothing to quantize under kivi (residual {s.residual_length}, "
             f"group {s.group_size}): use a longer --seq-len"
         )
-
-
-# -- the attention entry ----------------------------------------------------------------------
-
-
-def _attention(module, query, key, value, attention_mask, **kwargs):  # transformers' signature
-    """Run the innermost hook; where it returns None, SDPA (or the same math for softcapped models)."""
-    if _HOOKS:
-        out = _HOOKS[-1](module, query, key, value, kwargs)
-        if out is not None:
-            return out, None
-    if kwargs.get("softcap") is not None:
-        # SDPA has no softcap: the same math in float32 (unpadded causal batches only)
-        out = _attention_math(query, key, value, kwargs)
-        return out.transpose(1, 2).to(query.dtype).contiguous(), None
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def _attention_math(query, key, value, kwargs, key_hat=None, value_hat=None, stored=None):
-    """`[batch, heads, q, head_dim]` output of `sensitivity.attention_probs` + `attend`."""
-    probs = attention_probs(
-        query,
-        key,
-        scaling=_scaling(query, kwargs),
-        query_offset=key.shape[-2] - query.shape[-2],
-        sliding_window=kwargs.get("sliding_window"),
-        softcap=kwargs.get("softcap"),
-        key_hat=key_hat,
-        stored=stored,
-    )
-    return attend(probs, value, value_hat=value_hat, stored=stored)
-
-
-def _scaling(query: torch.Tensor, kwargs: dict) -> float:
-    scaling = kwargs.get("scaling")
-    return float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(IMPLEMENTATION, _attention)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
-
-
-@contextlib.contextmanager
-def attention_hook(model: Any, hook: AttentionHook) -> Iterator[None]:
-    """Route `model`'s attention through `hook` inside the block; restore its implementation after."""
-    _register()
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = IMPLEMENTATION
-    _HOOKS.append(hook)
-    try:
-        yield
-    finally:
-        _HOOKS.remove(hook)
-        model.config._attn_implementation = previous
-
-
-def _layer_index(module: Any) -> int:
-    index = getattr(module, "layer_idx", None)
-    if index is None:
-        raise ConfigError(
-            f"{type(module).__name__} has no layer_idx: this architecture cannot be calibrated"
-        )
-    return int(index)
-
-
-# -- capture ----------------------------------------------------------------------------------
-
-
-def capture_layers(
-    model: Any, samples: torch.Tensor, *, query_tokens: int = 64, progress: bool = True
-) -> list[LayerCapture]:
-    """Run `samples` `[n, seq]` through `model` and return each layer's capture, in layer order.
-
-    Queries are the last `query_tokens` positions `[n, heads, query_tokens, head_dim]`; keys and
-    values the whole sample `[n, kv_heads, seq, head_dim]`, as the attention received them.
-    """
-    parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-    options: dict[int, tuple[float, int | None, float | None]] = {}
-
-    def record(module, query, key, value, kwargs):
-        layer = _layer_index(module)
-        # clone the query slice so the full query tensor can be freed; keys and values are whole
-        parts.setdefault(layer, []).append((query[:, :, -query_tokens:].clone(), key, value))
-        options[layer] = (
-            _scaling(query, kwargs),
-            kwargs.get("sliding_window"),
-            kwargs.get("softcap"),
-        )
-        return None
-
-    base = getattr(model, "base_model", model)  # the decoder without the LM head: no logits needed
-    device = next(model.parameters()).device
-    with torch.inference_mode(), attention_hook(model, record):
-        for sample in tqdm(samples, desc="capture", unit="sample", disable=not progress):
-            base(input_ids=sample[None].to(device), use_cache=False)
-    num_layers = int(text_config(model.config).num_hidden_layers)
-    if sorted(parts) != list(range(num_layers)):
-        raise ConfigError(
-            f"captured attention in layers {sorted(parts)}, expected 0..{num_layers - 1}"
-        )
-    captures = []
-    for layer in range(num_layers):
-        q, k, v = (torch.cat(t) for t in zip(*parts.pop(layer)))
-        scaling, window, softcap = options[layer]
-        captures.append(LayerCapture(layer, q, k, v, scaling, window, softcap))
-    return captures
-
-
-# -- end to end -------------------------------------------------------------------------------
-
-
-def single_layer_kl(
-    model: Any,
-    samples: torch.Tensor,
-    pair: PrecisionPair,
-    scheme: QuantScheme,
-    *,
-    query_tokens: int = 64,
-    progress: bool = True,
-) -> list[float]:
-    """Per layer: mean KL(full || only that layer's KV at `pair`) of the next-token distributions.
-
-    The KL is over the last `query_tokens` positions of every sample `[n, seq]`, summed over the
-    vocabulary and averaged over positions. Costs (layers + 1) forward passes per sample.
-    """
-    num_layers = int(text_config(model.config).num_hidden_layers)
-    device = next(model.parameters()).device
-    totals = [0.0] * num_layers
-    target = {"layer": -1}
-
-    def substitute(module, query, key, value, kwargs):
-        if _layer_index(module) != target["layer"]:
-            return None
-        seq = key.shape[-2]
-        stored = scheme.stored_mask(
-            torch.arange(seq - query.shape[-2], seq, device=key.device), seq
-        )
-        out = _attention_math(
-            query,
-            key,
-            value,
-            kwargs,
-            key_hat=scheme.quantize(key, pair.key_bits, is_key=True),
-            value_hat=scheme.quantize(value, pair.value_bits, is_key=False),
-            stored=stored,
-        )
-        return out.transpose(1, 2).to(query.dtype).contiguous()
-
-    def log_probs(ids: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=ids, use_cache=False, logits_to_keep=query_tokens).logits
-        return torch.log_softmax(logits[:, -query_tokens:].float(), dim=-1)
-
-    bar = tqdm(
-        total=len(samples) * num_layers, desc="end-to-end KL", unit="pass", disable=not progress
-    )
-    with torch.inference_mode(), attention_hook(model, substitute), bar:
-        for sample in samples:
-            ids = sample[None].to(device)
-            target["layer"] = -1
-            reference = log_probs(ids)
-            for layer in range(num_layers):
-                target["layer"] = layer
-                quantized = log_probs(ids)
-                kl = (reference.exp() * (reference - quantized)).sum(-1).mean()
-                totals[layer] += float(kl) / len(samples)
-                bar.update()
-    return totals
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -431,48 +248,6 @@ def write_outputs(result: CalibrationResult, folder: str | Path) -> dict[str, Pa
         if result.end_to_end is not None:
             result.end_to_end.to_csv(tmp["end_to_end"], index=False, float_format="%.6g")
     return paths
-
-
-def plot_heatmap(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Layers x pairs heatmap of e_o on a log colour scale, each cell annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    pairs = sorted(
-        {PrecisionPair(int(k), int(v)) for k, v in zip(table.key_bits, table.value_bits)},
-        key=lambda p: (-p.equivalent_bits, -p.key_bits),
-    )
-    grid = e_o_grid(table, pairs)
-    positive = grid[grid > 0]
-    low, high = (positive.min(), positive.max()) if positive.size else (1e-6, 1.0)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.75 * len(pairs), 1.2 + 0.3 * grid.shape[0]))
-    image = ax.imshow(
-        grid.clip(min=low),
-        aspect="auto",
-        cmap="viridis",
-        norm=LogNorm(vmin=low, vmax=max(high, low * 1.01)),
-    )
-    for (row, col), value in pd.DataFrame(grid).stack().items():
-        colour = "white" if value < (low * high) ** 0.5 else "black"
-        ax.text(col, row, f"{value:.2g}", ha="center", va="center", fontsize=6, color=colour)
-    ax.set_xticks(range(len(pairs)), [p.name for p in pairs])
-    ax.set_yticks(range(grid.shape[0]), [str(layer) for layer in sorted(table.layer.unique())])
-    ax.set_xlabel("precision pair")
-    ax.set_ylabel("layer")
-    ax.set_title(f"{title}: relative attention-output error e_o".strip(": "), fontsize=9)
-    fig.colorbar(image, ax=ax, label="e_o")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def e_o_grid(table: pd.DataFrame, pairs: Sequence[PrecisionPair]) -> Any:
-    """numpy `[layers, pairs]` of e_o, layers ascending, columns in the order of `pairs`."""
-    wide = table.pivot(index="layer", columns=["key_bits", "value_bits"], values="e_o")
-    return wide[[(p.key_bits, p.value_bits) for p in pairs]].to_numpy()
 
 
 def load_sensitivity(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:

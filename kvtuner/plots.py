@@ -1,5 +1,7 @@
-"""Plots of the results tables (matplotlib, Agg backend: no display needed).
+"""Every plot kvtuner draws (matplotlib, Agg backend: no display needed).
 
+- `plot_heatmap`: calibration, e_o per layer and precision pair (log colour scale).
+- `plot_pareto`: a search, every evaluated config and the Pareto front, uniform configs labeled.
 - `plot_quality_vs_bits`: KL against equivalent bits (left) and effective bits (right), uniform
   configs against searched ones (and peers), log KL axis.
 - `plot_precision_map`: the per-layer key and value bits of each searched config.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -158,4 +161,130 @@ def _save(fig, path: str | Path) -> Path:
             fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
+    return Path(path)
+
+
+# -- calibration and search -------------------------------------------------------------------
+
+
+def plot_heatmap(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Layers x pairs heatmap of e_o on a log colour scale, each cell annotated."""
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    pairs = sorted(
+        {PrecisionPair(int(k), int(v)) for k, v in zip(table.key_bits, table.value_bits)},
+        key=lambda p: (-p.equivalent_bits, -p.key_bits),
+    )
+    grid = e_o_grid(table, pairs)
+    positive = grid[grid > 0]
+    low, high = (positive.min(), positive.max()) if positive.size else (1e-6, 1.0)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.75 * len(pairs), 1.2 + 0.3 * grid.shape[0]))
+    image = ax.imshow(
+        grid.clip(min=low),
+        aspect="auto",
+        cmap="viridis",
+        norm=LogNorm(vmin=low, vmax=max(high, low * 1.01)),
+    )
+    for (row, col), value in pd.DataFrame(grid).stack().items():
+        colour = "white" if value < (low * high) ** 0.5 else "black"
+        ax.text(col, row, f"{value:.2g}", ha="center", va="center", fontsize=6, color=colour)
+    ax.set_xticks(range(len(pairs)), [p.name for p in pairs])
+    ax.set_yticks(range(grid.shape[0]), [str(layer) for layer in sorted(table.layer.unique())])
+    ax.set_xlabel("precision pair")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title}: relative attention-output error e_o".strip(": "), fontsize=9)
+    fig.colorbar(image, ax=ax, label="e_o")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def e_o_grid(table: pd.DataFrame, pairs: Sequence[PrecisionPair]) -> Any:
+    """numpy `[layers, pairs]` of e_o, layers ascending, columns in the order of `pairs`."""
+    wide = table.pivot(index="layer", columns=["key_bits", "value_bits"], values="e_o")
+    return wide[[(p.key_bits, p.value_bits) for p in pairs]].to_numpy()
+
+
+LOSS_LABELS = {
+    "kl": "KL(fp || quantized), nats/token",
+    "ppl": "perplexity",
+    "accuracy": "1 - accuracy",
+    "proxy": "sum of e_o over layers",
+}
+
+
+def plot_pareto(
+    trials: pd.DataFrame,
+    front: pd.DataFrame,
+    path: str | Path,
+    *,
+    objective: str,
+    caps: Sequence[float] = (),
+    title: str = "",
+) -> Path:
+    """Every evaluated config as a grey dot, the Pareto front as a step line, uniform configs labeled.
+
+    `trials` and `front` have columns `equivalent_bits`, `loss`, `uniform` (pair name or "").
+    The loss axis is logarithmic when every loss is positive and they span more than a decade.
+    """
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if not trials.empty:
+        ax.scatter(
+            trials["equivalent_bits"],
+            trials["loss"],
+            s=12,
+            color="0.7",
+            label="evaluated configs",
+            zorder=1,
+        )
+    if not front.empty:
+        ax.step(
+            front["equivalent_bits"],
+            front["loss"],
+            where="post",
+            color="tab:blue",
+            lw=1.5,
+            zorder=2,
+            label="Pareto front",
+        )
+        ax.scatter(front["equivalent_bits"], front["loss"], s=18, color="tab:blue", zorder=3)
+    uniform = trials[trials["uniform"] != ""] if not trials.empty else trials
+    if not uniform.empty:
+        ax.scatter(
+            uniform["equivalent_bits"],
+            uniform["loss"],
+            marker="s",
+            s=40,
+            facecolor="none",
+            edgecolor="tab:red",
+            lw=1.5,
+            zorder=4,
+            label="uniform configs",
+        )
+        for _, row in uniform.iterrows():
+            ax.annotate(
+                row["uniform"],
+                (row["equivalent_bits"], row["loss"]),
+                textcoords="offset points",
+                xytext=(5, 5),
+                fontsize=8,
+                color="tab:red",
+            )
+    for i, cap in enumerate(sorted(caps)):
+        ax.axvline(cap, color="0.5", ls=":", lw=0.8, label="bit caps" if i == 0 else None)
+    losses = trials["loss"] if not trials.empty else pd.Series(dtype=float)
+    if len(losses) and (losses > 0).all() and losses.max() > 10 * losses.min():
+        ax.set_yscale("log")
+    ax.set_xlabel("equivalent bits (mean of (key + value) / 2 over layers)")
+    ax.set_ylabel(LOSS_LABELS.get(objective, objective))
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return Path(path)

@@ -12,16 +12,14 @@ from conftest import build_tiny_model, tiny_config
 
 from kvtuner.calibrate import (
     CalibrationSettings,
-    attention_hook,
     calibrate,
-    capture_layers,
     check_settings,
     load_sensitivity,
     parse_bits,
-    single_layer_kl,
     spearman,
     write_outputs,
 )
+from kvtuner.capture import attention_hook, capture_layers, single_layer_kl
 from kvtuner.errors import ConfigError
 from kvtuner.precision import PrecisionPair
 from kvtuner.sensitivity import COLUMNS, LayerCapture, QuantScheme, attention_output

@@ -134,7 +134,7 @@ def export_study(
     found_by: str | None = None,
 ) -> ExportResult:
     """Write pareto.csv, pareto.png and one YAML per cap into `out_dir`; returns what was written."""
-    from kvtuner.report import plot_pareto
+    from kvtuner.plots import plot_pareto
 
     out_dir = Path(out_dir)
     attrs = study.user_attrs
