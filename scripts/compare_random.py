@@ -84,8 +84,15 @@ def shuffles(config: PrecisionConfig, count: int, seed: int) -> list[PrecisionCo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    report = compare(args, progress=not args.json)
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0 if report["beats_uniform"] and report["beats_random_mean"] else 1
+
+
+def compare(args: argparse.Namespace, *, progress: bool = True, loaded=None) -> dict:
+    """Score the searched, uniform and shuffled configs; the report `render` and `--json` print."""
     started = time.perf_counter()
-    loaded = load_model(args.model)
+    loaded = loaded or load_model(args.model)
     path = Path(
         args.config
         or Path("searched_configs") / loaded.name / args.scheme / config_filename(args.cap)
@@ -120,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     samples = eval_samples(
         loaded.tokenizer, heldout_text(args.text), args.samples, protocol, seed=args.seed
     )
-    evaluator = Evaluator(loaded.model, samples, protocol, progress=not args.json)
+    evaluator = Evaluator(loaded.model, samples, protocol, progress=progress)
     results, reference_ppl = [], float("nan")
-    for kind, name, config in tqdm(rows, desc="configs", disable=args.json, file=sys.stderr):
+    for kind, name, config in tqdm(rows, desc="configs", disable=not progress, file=sys.stderr):
         result = evaluator.evaluate(config)
         reference_ppl = result.reference_ppl
         results.append(
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     verdict = judge(results, args.cap)
-    report = {
+    return {
         "model": loaded.name,
         "scheme": searched.scheme,
         "cap": args.cap,
@@ -151,11 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         "rows": results,
         **verdict,
     }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(render(report))
-    return 0 if verdict["beats_uniform"] and verdict["beats_random_mean"] else 1
 
 
 def judge(results: list[dict], cap: float) -> dict:

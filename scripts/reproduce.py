@@ -56,10 +56,16 @@ from kvtuner.precision import SCHEMES
 from kvtuner.search.export import DEFAULT_CAPS, config_filename
 from kvtuner.tables import RESULT_COLUMNS, block_key, results_markdown, update_readme
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: summaries, compare_random
+import summaries  # noqa: E402
+
 MODELS = ("gemma-3-270m", "smollm2-135m")
 UNIFORM = ("KV8", "K8V4", "KV4", "K4V2", "KV2")
 PEER_BITS = (4, 2)
 ROOT = Path(__file__).resolve().parent.parent
+# the searched-vs-random comparison and the headline bench (blocks `random` and `bench`)
+RANDOM_MODEL, RANDOM_CAP = "gemma-3-270m", 3.5
+BENCH_MODEL, BENCH_CONFIG, BENCH_ROUNDS = "smollm2-135m", "KV4", 7
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Settings:
     bench_tokens: int
     bench_rounds: int
     peers: bool
+    extras: bool = True
     readme_only: bool = False
 
 
@@ -590,6 +597,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--readme", type=Path, help="default README.md (--quick: none)")
     parser.add_argument("--no-readme", action="store_true", help="print the tables only")
     parser.add_argument(
+        "--no-extras",
+        action="store_true",
+        help="skip the calibration summary, the searched-vs-random comparison and the headline bench",
+    )
+    parser.add_argument(
         "--readme-only",
         action="store_true",
         help="measure nothing: put the tables saved in --out (<model>_<scheme>.md) into --readme",
@@ -602,7 +614,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument(
         "--bench-tokens", type=int, help="decode steps timed per round (default 32)"
     )
-    parser.add_argument("--bench-rounds", type=int, help="timed rounds per bench, median (default 3)")
+    parser.add_argument(
+        "--bench-rounds", type=int, help="timed rounds per bench, median (default 3)"
+    )
     parser.add_argument("--no-peers", action="store_true", help="skip transformers' QuantizedCache")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -624,8 +638,38 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         bench_tokens=args.bench_tokens or (4 if quick else 32),
         bench_rounds=args.bench_rounds or (1 if quick else 3),
         peers=not args.no_peers,
+        extras=not (quick or args.no_extras),
         readme_only=args.readme_only,
     )
+
+
+EXTRAS = {
+    "calibration": "calibration and search space",
+    "random": f"{RANDOM_MODEL} per-token: searched C{RANDOM_CAP:g} against uniform and random configs",
+    "bench": f"{BENCH_MODEL} {BENCH_CONFIG}: decode speed and memory against the dense cache",
+}
+
+
+def extra_blocks(settings: Settings) -> dict[str, dict[str, str]]:
+    """The README blocks besides the per-model tables (see scripts/summaries.py), saved in --out."""
+    markdown = {
+        "calibration": summaries.calibration_summary(ROOT / "calibration", MODELS, SCHEMES),
+        "random": summaries.random_comparison(RANDOM_MODEL, RANDOM_CAP, log)[0],
+        "bench": summaries.bench_headline(
+            BENCH_MODEL,
+            BENCH_CONFIG,
+            context=settings.bench_context,
+            new_tokens=settings.bench_tokens,
+            rounds=BENCH_ROUNDS,
+            log=log,
+        ),
+    }
+    blocks = {}
+    for key, text in markdown.items():
+        text += f"\n\nReproduce: `{_command_line()}`"
+        atomic_write_text(settings.out / f"{key}.md", text + "\n")
+        blocks[key] = {"markdown": text, "title": EXTRAS[key]}
+    return blocks
 
 
 def saved_blocks(settings: Settings) -> dict[str, dict[str, str]]:
@@ -642,6 +686,10 @@ def saved_blocks(settings: Settings) -> dict[str, dict[str, str]]:
                 }
             else:
                 log(f"{_relative(path)} not found: run without --readme-only first")
+    for key, title in EXTRAS.items():
+        path = settings.out / f"{key}.md"
+        if settings.extras and path.is_file():
+            blocks[key] = {"markdown": path.read_text(encoding="utf-8").strip("\n"), "title": title}
     return blocks
 
 
@@ -674,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
         frames, facts = measure_model(name, settings)
         tables.update(write_outputs(name, frames, facts, settings))
         failures += facts["failures"]
+    if settings.extras:
+        tables.update(extra_blocks(settings))
     wall = time.perf_counter() - start
     env = environment(settings, wall)
     atomic_write_text(settings.out / "environment.json", json.dumps(env, indent=2) + "\n")

@@ -54,13 +54,27 @@ def main(argv: list[str] | None = None) -> int:
     calibration, searched = out / "calibration", out / "searched_configs"
     common = ["--model", args.model, "--scheme", args.scheme]
     step("calibrate", ["calibrate", *common, "--out", str(calibration), "--seed", str(args.seed)])
-    step("prune", ["prune", *common, "--out", str(calibration), "--max-groups", str(args.max_groups)])
+    step(
+        "prune", ["prune", *common, "--out", str(calibration), "--max-groups", str(args.max_groups)]
+    )
     space = calibration / args.model / args.scheme / "space.yaml"
     results = searched / args.model / args.scheme
     step(
         "search + export",
-        ["search", *common, "--space", str(space), "--out", str(results), "--trials", str(args.trials),
-         "--max-bits", args.caps, "--seed", str(args.seed)],
+        [
+            "search",
+            *common,
+            "--space",
+            str(space),
+            "--out",
+            str(results),
+            "--trials",
+            str(args.trials),
+            "--max-bits",
+            args.caps,
+            "--seed",
+            str(args.seed),
+        ],
     )
 
     print("\n== held-out table", file=sys.stderr, flush=True)
@@ -70,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     samples = eval_samples(loaded.tokenizer, None, args.eval_samples, protocol, seed=args.seed + 1)
     evaluator = Evaluator(loaded.model, samples, protocol, progress=True)
     rows: list[tuple[str, PrecisionConfig]] = [
-        (name, PrecisionConfig.uniform(name, loaded.num_layers, scheme=args.scheme)) for name in UNIFORM
+        (name, PrecisionConfig.uniform(name, loaded.num_layers, scheme=args.scheme))
+        for name in UNIFORM
     ]
     for cap in (float(c) for c in args.caps.split(",")):
         path = results / config_filename(cap)
@@ -92,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines.append(f"| full precision | 16.00 | 16.00 | 0 | {result.reference_ppl:.2f} |")
     print("\n".join(lines))
-    print(f"\nmake run finished in {(time.perf_counter() - started) / 60:.1f} min; outputs under {out}/", file=sys.stderr)
+    print(
+        f"\nmake run finished in {(time.perf_counter() - started) / 60:.1f} min; outputs under {out}/",
+        file=sys.stderr,
+    )
     return 0
 
 
