@@ -2,7 +2,7 @@
 
 - Calibration text: Python's own `pydoc_data.topics` (about 110k tokens of English documentation),
   or a user file (`--text`): plain text, or JSONL with a "text" field per line.
-- Held-out text for evaluation: `kvtuner/data/heldout.txt`, licence texts from
+- Held-out text for evaluation: `kvtuner/texts/heldout.txt`, licence texts from
   /usr/share/common-licenses (see scripts/make_heldout_text.py): offline, and not the calibration text.
 """
 
@@ -18,7 +18,7 @@ import torch
 from kvtuner.errors import ConfigError
 
 CALIBRATION_SOURCE = "pydoc_data.topics"
-HELDOUT_SOURCE = "kvtuner/data/heldout.txt"
+HELDOUT_SOURCE = "kvtuner/texts/heldout.txt"
 
 
 def calibration_text(path: str | Path | None = None) -> str:
@@ -34,7 +34,7 @@ def heldout_text(path: str | Path | None = None) -> str:
     """The text of `path` (plain or JSONL), or the shipped held-out text when `path` is None."""
     if path is not None:
         return read_text(path)
-    return resources.files("kvtuner").joinpath("data", "heldout.txt").read_text(encoding="utf-8")
+    return resources.files("kvtuner").joinpath("texts", "heldout.txt").read_text(encoding="utf-8")
 
 
 def text_source(path: str | Path | None, default: str = CALIBRATION_SOURCE) -> str:

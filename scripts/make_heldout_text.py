@@ -1,10 +1,10 @@
-"""Build kvtuner/data/heldout.txt: held-out English text for evaluation, available offline.
+"""Build kvtuner/texts/heldout.txt: held-out English text for evaluation, available offline.
 
 The text is licence documents from /usr/share/common-licenses (Debian/Ubuntu), copied verbatim:
 each of them permits verbatim copying and distribution of the licence text itself. It is not
 `pydoc_data.topics` (the calibration text), so evaluating on it does not reuse calibration data.
 
-    python scripts/make_heldout_text.py [--source /usr/share/common-licenses] [--out kvtuner/data/heldout.txt]
+    python scripts/make_heldout_text.py [--source /usr/share/common-licenses] [--out kvtuner/texts/heldout.txt]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=Path("/usr/share/common-licenses"))
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "kvtuner/data/heldout.txt"
+        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "kvtuner/texts/heldout.txt"
     )
     args = parser.parse_args(argv)
     text = build(args.source)
