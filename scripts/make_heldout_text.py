@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=Path("/usr/share/common-licenses"))
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "kvtuner/texts/heldout.txt"
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "kvtuner/texts/heldout.txt",
     )
     args = parser.parse_args(argv)
     text = build(args.source)
