@@ -17,14 +17,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from kvtuner.compat import sliding_windows, text_config
 from kvtuner.errors import ConfigError
 from kvtuner.precision import PrecisionPair
-from kvtuner.quant.store import make_kv_stores
-
-
-def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    """Concatenate along tokens, skipping the copy when either side is empty."""
-    if a is None or a.shape[-2] == 0:
-        return b
-    return a if b.shape[-2] == 0 else torch.cat([a, b], dim=-2)
+from kvtuner.quant.store import cat_tokens, make_kv_stores
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -95,8 +88,8 @@ class QuantizedKVLayer(DynamicLayer):
                     (*value_states.shape[:-2], 0, value_states.shape[-1])
                 )
         else:
-            self._res_k = _cat(self._res_k, key_states)
-            self._res_v = _cat(self._res_v, value_states)
+            self._res_k = cat_tokens(self._res_k, key_states)
+            self._res_v = cat_tokens(self._res_v, value_states)
             self._flush()
         visible = new + (min(past, self.sliding_window - 1) if self.is_sliding else past)
         if past == 0 and not self.quantize_prefill:
@@ -199,7 +192,7 @@ class QuantizedKVLayer(DynamicLayer):
         if start >= stored:
             return self._res_k[..., start - stored :, :], self._res_v[..., start - stored :, :]
         keys, values = self.stores.read(start)
-        return _cat(keys, self._res_k), _cat(values, self._res_v)
+        return cat_tokens(keys, self._res_k), cat_tokens(values, self._res_v)
 
     def _trim(self) -> None:
         """Sliding layers: drop what the next step cannot see (whole blocks only)."""

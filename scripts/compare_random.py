@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report["beats_uniform"] and report["beats_random_mean"] else 1
 
 
-def compare(args: argparse.Namespace, *, progress: bool = True, loaded=None) -> dict:
+def compare(args: argparse.Namespace, *, progress: bool = True) -> dict:
     """Score the searched, uniform and shuffled configs; the report `render` and `--json` print."""
     started = time.perf_counter()
-    loaded = loaded or load_model(args.model)
+    loaded = load_model(args.model)
     path = Path(
         args.config
         or Path("searched_configs") / loaded.name / args.scheme / config_filename(args.cap)

@@ -654,7 +654,7 @@ def extra_blocks(settings: Settings) -> dict[str, dict[str, str]]:
     """The README blocks besides the per-model tables (see scripts/summaries.py), saved in --out."""
     markdown = {
         "calibration": summaries.calibration_summary(ROOT / "calibration", MODELS, SCHEMES),
-        "random": summaries.random_comparison(RANDOM_MODEL, RANDOM_CAP, log)[0],
+        "random": summaries.random_comparison(RANDOM_MODEL, RANDOM_CAP, log),
         "bench": summaries.bench_headline(
             BENCH_MODEL,
             BENCH_CONFIG,

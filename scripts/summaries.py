@@ -44,12 +44,11 @@ def calibration_summary(root: Path, models: Sequence[str], schemes: Sequence[str
     return "\n".join(lines)
 
 
-def random_comparison(model: str, cap: float, log: Callable[[str], None]) -> tuple[str, dict]:
-    """The comparison table and its verdict lines; also the report (for the caller's checks)."""
+def random_comparison(model: str, cap: float, log: Callable[[str], None]) -> str:
+    """The comparison table and its verdict lines."""
     args = compare_random.parse_args(["--model", model, "--cap", f"{cap:g}"])
     log(f"{model}: searched C{cap:g} against uniform and {args.random} random configs")
-    report = compare_random.compare(args, progress=False)
-    return compare_random.render(report), report
+    return compare_random.render(compare_random.compare(args, progress=False))
 
 
 def bench_headline(

@@ -21,10 +21,11 @@ import torch
 from kvtuner.quant.quantizer import dequantize_parts, quantize_per_channel, quantize_per_token
 
 
-def _cat(old: torch.Tensor | None, new: torch.Tensor, drop: int = 0) -> torch.Tensor:
-    if old is None:
-        return new
-    return torch.cat([old[..., drop:, :] if drop else old, new], dim=-2)
+def cat_tokens(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """Concatenate along tokens, skipping the copy when either side is empty."""
+    if a is None or a.shape[-2] == 0:
+        return b
+    return a if b.shape[-2] == 0 else torch.cat([a, b], dim=-2)
 
 
 class RawStore:
@@ -40,7 +41,7 @@ class RawStore:
         return 0 if self.data is None else self.data.shape[-2]
 
     def append(self, x: torch.Tensor) -> None:
-        self.data = _cat(self.data, x)
+        self.data = cat_tokens(self.data, x)
 
     def read(self, start: int = 0) -> torch.Tensor:
         """Tokens `[start:]` as `[batch, kv_heads, n, head_dim]`."""
@@ -76,9 +77,9 @@ class _PackedStore:
         return 0 if self.packed is None else self.packed.shape[-2]
 
     def _extend(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
-        self.packed = _cat(self.packed, packed)
-        self.scale = _cat(self.scale, scale)
-        self.zero = None if zero is None else _cat(self.zero, zero)
+        self.packed = cat_tokens(self.packed, packed)
+        self.scale = cat_tokens(self.scale, scale)
+        self.zero = None if zero is None else cat_tokens(self.zero, zero)
 
     def drop_front(self, n: int) -> None:
         """Drop the first `n` tokens (whole blocks); copies, so the dropped bytes are freed."""

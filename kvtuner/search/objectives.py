@@ -37,23 +37,15 @@ class Objective(Protocol):
 
 
 @dataclass
-class KLObjective:
+class HeldoutObjective:
+    """`kl` or `ppl` of the config's cache on the evaluator's held-out samples."""
+
     evaluator: Evaluator
     name: str = "kl"
 
     def __call__(self, config: PrecisionConfig) -> Measurement:
         result = self.evaluator.evaluate(config)
-        return Measurement(result.kl, _eval_metrics(result))
-
-
-@dataclass
-class PerplexityObjective:
-    evaluator: Evaluator
-    name: str = "ppl"
-
-    def __call__(self, config: PrecisionConfig) -> Measurement:
-        result = self.evaluator.evaluate(config)
-        return Measurement(result.ppl, _eval_metrics(result))
+        return Measurement(getattr(result, self.name), _eval_metrics(result))
 
 
 @dataclass

@@ -26,9 +26,8 @@ from kvtuner.errors import KVTunerError
 from kvtuner.search.export import ExportResult, export_study
 from kvtuner.search.objectives import (
     AccuracyObjective,
-    KLObjective,
+    HeldoutObjective,
     Objective,
-    PerplexityObjective,
     ProxyObjective,
 )
 from kvtuner.search.optuna_backend import CappedNSGAIISampler, run_optuna
@@ -151,7 +150,7 @@ def build_objective(prep: PreparedSearch, quiet: bool = False) -> Objective:
         tokenizer, heldout_text(settings.text), settings.samples, protocol, seed=settings.seed
     )
     evaluator = Evaluator(model, samples, protocol, progress=not quiet)
-    return KLObjective(evaluator) if settings.objective == "kl" else PerplexityObjective(evaluator)
+    return HeldoutObjective(evaluator, settings.objective)  # kl or ppl
 
 
 def _open(prep: PreparedSearch, index: int) -> optuna.Study:
