@@ -1,10 +1,11 @@
 """KVTunerCache: a transformers Cache whose layers each store keys and values at their own bits.
 
 One `QuantizedKVLayer` per decoder layer (the `layers=[...]` API of transformers 5). Schemes:
-- `per-token`: K and V quantized per token (groups along head_dim), no residual.
-- `kivi`: K per channel over blocks of `group_size` tokens, V per token; the newest
-  `residual_length` (up to `residual_length + group_size - 1`) tokens stay in full precision.
-Quantized blocks are appended and never re-quantized. Sliding-window layers keep only their window.
+- `per-token`: K and V quantized per token (groups of `group_size` channels), no residual.
+- `kivi`: K per channel over blocks of `block_size` tokens, V per token; the newest
+  `residual_length` (up to `residual_length + block_size - 1`) tokens stay in full precision.
+The first `sink_tokens` tokens stay in full precision under both. Quantized blocks are appended and
+never re-quantized. Sliding-window layers keep only their window.
 """
 
 from __future__ import annotations
@@ -14,17 +15,22 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from kvtuner import defaults
 from kvtuner.compat import sliding_windows, text_config
 from kvtuner.errors import ConfigError
-from kvtuner.precision import PrecisionPair
-from kvtuner.quant.store import cat_tokens, make_kv_stores
+from kvtuner.precision import Layout, PrecisionPair
+from kvtuner.quant.store import SeparateKV, StackedKV, cat_tokens, make_kv_stores
 
 
 class QuantizedKVLayer(DynamicLayer):
-    """One attention layer's KV history at (key_bits, value_bits).
+    """One attention layer's KV history at (key_bits, value_bits), held as `layout` says.
 
-    States are `[batch, kv_heads, seq, head_dim]`. `update` returns the visible history, dequantized,
-    with the new tokens at the end (quantized too when `quantize_prefill`, or after the first call).
+    States are `[batch, kv_heads, seq, head_dim]`. The layer holds three parts, oldest first:
+    full-precision sinks (the first `layout.sink_tokens` tokens), packed stores, and (KIVI) a
+    full-precision residual of the newest tokens; sinks and residual are stacked `[2, ...]`
+    (keys, values). `update` returns the visible history, dequantized, ending with the new tokens:
+    exact on the first call unless `quantize_prefill` (the prompt's own forward), read back from
+    what is stored on every later call.
     """
 
     is_croppable = False
@@ -32,40 +38,46 @@ class QuantizedKVLayer(DynamicLayer):
     def __init__(
         self,
         pair: PrecisionPair,
+        layout: Layout | None = None,
         *,
-        scheme: str = "per-token",
-        group_size: int | None = None,
-        residual_length: int = 0,
         sliding_window: int | None = None,
-        quantize_prefill: bool = True,
+        quantize_prefill: bool = defaults.QUANTIZE_PREFILL,
     ) -> None:
         super().__init__()
         self.pair = pair
-        self.scheme = scheme
-        kivi = scheme == "kivi"
-        self.residual_length = residual_length if kivi else 0
-        self.group_size = group_size
-        self.stores = make_kv_stores(
-            pair.key_bits, pair.value_bits, kivi=kivi, group_size=group_size
-        )
-        self.block = self.stores.block
+        self.layout = layout if layout is not None else Layout()
+        self.block = self.layout.block(pair)
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.quantize_prefill = quantize_prefill
         self.cumulative_length = 0
-        self._res_k: torch.Tensor | None = None
-        self._res_v: torch.Tensor | None = None
+        self.stores: SeparateKV | StackedKV | None = None
+        self._sink: torch.Tensor | None = None  # [2, batch, heads, sinks, head_dim]
+        self._res: torch.Tensor | None = None  # [2, batch, heads, residual, head_dim]
+        # bool [batch, positions]: False where the attention mask says padding (see KVTunerCache)
+        self.valid: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         window = f", window={self.sliding_window}" if self.is_sliding else ""
-        return f"QuantizedKVLayer({self.pair.name}, {self.scheme}{window})"
+        return f"QuantizedKVLayer({self.pair.name}, {self.layout.scheme}{window})"
 
     # -- transformers layer contract -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.dtype = key_states.dtype
-        self._shape = (key_states.shape[0], key_states.shape[1], key_states.shape[-1])
+        batch, heads, _, head_dim = key_states.shape
+        self._rows, self._heads, self._head_dim = batch, heads, head_dim
         self._element_size = key_states.element_size()
+        layout = self.layout
+        self.stores = make_kv_stores(
+            self.pair.key_bits,
+            self.pair.value_bits,
+            kivi=layout.kivi,
+            group_size=layout.channel_group(head_dim),
+            block_size=layout.block_size,
+        )
+        empty = key_states.new_empty((2, batch, heads, 0, head_dim))
+        self._sink, self._res = empty, empty.clone()
         self.is_initialized = True
 
     def update(
@@ -76,20 +88,17 @@ class QuantizedKVLayer(DynamicLayer):
         new = key_states.shape[-2]
         past = self.cumulative_length
         self.cumulative_length += new
-        if self.block == 1 and self.residual_length == 0:
-            # per-token without residual: new tokens go straight into the stores
-            self.stores.append(key_states, value_states)
-            if self._res_k is None:
-                # empty residual of the right shape (new tensors: a view would keep the prompt alive)
-                self._res_k = key_states.new_empty(
-                    (*key_states.shape[:-2], 0, key_states.shape[-1])
-                )
-                self._res_v = value_states.new_empty(
-                    (*value_states.shape[:-2], 0, value_states.shape[-1])
-                )
+        states = torch.stack((key_states, value_states))
+        sinks = min(max(self.layout.sink_tokens - past, 0), new)
+        if sinks:
+            self._sink = cat_tokens(self._sink, states[..., :sinks, :])
+            states = states[..., sinks:, :]
+        if self.block == 1 and self.layout.residual_length == 0:
+            # no residual: new tokens go straight into the stores
+            if states.shape[-2]:
+                self.stores.append(states)
         else:
-            self._res_k = cat_tokens(self._res_k, key_states)
-            self._res_v = cat_tokens(self._res_v, value_states)
+            self._res = cat_tokens(self._res, states)
             self._flush()
         visible = new + (min(past, self.sliding_window - 1) if self.is_sliding else past)
         if past == 0 and not self.quantize_prefill:
@@ -118,12 +127,9 @@ class QuantizedKVLayer(DynamicLayer):
     get_max_cache_shape = get_max_length  # the name before transformers 5.24
 
     def reset(self) -> None:
-        pair, scheme = self.pair, self.scheme
         self.__init__(  # type: ignore[misc]
-            pair,
-            scheme=scheme,
-            group_size=self.group_size,
-            residual_length=self.residual_length,
+            self.pair,
+            self.layout,
             sliding_window=self.sliding_window,
             quantize_prefill=self.quantize_prefill,
         )
@@ -138,29 +144,33 @@ class QuantizedKVLayer(DynamicLayer):
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
         self.stores.index_batch(indices)
-        if self._res_k is not None:
-            self._res_k = self._res_k.index_select(0, indices.to(self._res_k.device))
-            self._res_v = self._res_v.index_select(0, indices.to(self._res_v.device))
+        self._sink = self._sink.index_select(1, indices.to(self._sink.device))
+        self._res = self._res.index_select(1, indices.to(self._res.device))
+        if self.valid is not None:
+            self.valid = self.valid.index_select(0, indices.to(self.valid.device))
+        self._rows = int(indices.shape[0])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        n = self._res_k.shape[0] if self._res_k is not None else None
-        if n is None:
-            return
-        self.batch_select_indices(
-            torch.arange(n, device=self._res_k.device).repeat_interleave(repeats)
-        )
+        if self.is_initialized:
+            rows = torch.arange(self._rows, device=self._res.device)
+            self.batch_select_indices(rows.repeat_interleave(repeats))
 
     # -- storage ---------------------------------------------------------------------------
     @property
     def stored_tokens(self) -> int:
-        """Tokens held (packed plus residual); sliding layers hold about their window."""
-        residual = 0 if self._res_k is None else self._res_k.shape[-2]
-        return self.stores.seq_len + residual
+        """Tokens held (sinks, packed, residual); sliding layers hold about their window."""
+        if not self.is_initialized:
+            return 0
+        return self._sink.shape[-2] + self.stores.seq_len + self._res.shape[-2]
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer holds."""
-        return self.stores.tensors() + [t for t in (self._res_k, self._res_v) if t is not None]
+        if not self.is_initialized:
+            return []
+        return self.stores.tensors() + [self._sink, self._res]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -172,51 +182,85 @@ class QuantizedKVLayer(DynamicLayer):
         tokens = self.cumulative_length
         if self.is_sliding:
             tokens = min(tokens, self.sliding_window - 1)
-        batch, heads, head_dim = self._shape
-        return 2 * batch * heads * tokens * head_dim * self._element_size
+        return 2 * self._rows * self._heads * tokens * self._head_dim * self._element_size
 
     def _flush(self) -> None:
-        """Move whole blocks from the residual into the stores, keeping `residual_length` tokens."""
-        waiting = self._res_k.shape[-2]
-        count = (waiting - self.residual_length) // self.block * self.block
+        """Move whole blocks from the residual into the stores, keeping `residual_length` tokens.
+
+        Padded positions (`valid`) stay out of the min and max of KIVI's per-channel key blocks.
+        """
+        waiting = self._res.shape[-2]
+        count = (waiting - self.layout.residual_length) // self.block * self.block
         if count <= 0:
             return
-        self.stores.append(self._res_k[..., :count, :], self._res_v[..., :count, :])
-        self._res_k = self._res_k[..., count:, :].clone()
-        self._res_v = self._res_v[..., count:, :].clone()
+        first = self.cumulative_length - waiting  # position of the oldest residual token
+        valid = None
+        if self.valid is not None and self.valid.shape[-1] >= first + count:
+            valid = self.valid[:, None, first : first + count, None]
+        self.stores.append(self._res[..., :count, :], valid)
+        self._res = self._res[..., count:, :].clone()
 
     def _read(self, visible: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last `visible` keys and values of stores + residual, dequantized."""
-        stored = self.stores.seq_len
-        start = stored + self._res_k.shape[-2] - visible
-        if start >= stored:
-            return self._res_k[..., start - stored :, :], self._res_v[..., start - stored :, :]
-        keys, values = self.stores.read(start)
-        return cat_tokens(keys, self._res_k), cat_tokens(values, self._res_v)
+        """The last `visible` keys and values of sinks + stores + residual, dequantized.
+
+        Stored tokens are dequantized straight into their rows of one output buffer; sinks and
+        residual are copied around them (no concatenation of the whole history).
+        """
+        sinks, stored, waiting = self._sink.shape[-2], self.stores.seq_len, self._res.shape[-2]
+        start = sinks + stored + waiting - visible
+        if stored == 0 or start >= sinks + stored:  # only full-precision parts are visible
+            both = cat_tokens(
+                self._sink[..., start:, :], self._res[..., max(start - sinks, 0) :, :]
+            )
+            return both[0], both[1]
+        out = self._res.new_empty((2, self._rows, self._heads, visible, self._head_dim))
+        front = max(sinks - start, 0)
+        if front:
+            out[..., :front, :].copy_(self._sink[..., sinks - front :, :])
+        first = max(start - sinks, 0)
+        self.stores.read(first, out[..., front : front + stored - first, :])
+        if waiting:
+            out[..., front + stored - first :, :].copy_(self._res)
+        return out[0], out[1]
 
     def _trim(self) -> None:
-        """Sliding layers: drop what the next step cannot see (whole blocks only)."""
+        """Sliding layers: drop what the next step cannot see (sinks, then whole blocks, then the
+        residual's oldest tokens when no block is left): `kvtuner.memory.held_tokens` counts the same."""
         if not self.is_sliding:
             return
         excess = self.stored_tokens - (self.sliding_window - 1)
-        drop = min(max(excess, 0) // self.block * self.block, self.stores.seq_len)
+        if excess <= 0:
+            return
+        drop = min(self._sink.shape[-2], excess)
+        if drop:
+            self._sink = self._sink[..., drop:, :].clone()
+            excess -= drop
+        drop = min(excess // self.block * self.block, self.stores.seq_len)
         if drop > 0:
             self.stores.drop_front(drop)
-        excess = self.stored_tokens - (self.sliding_window - 1)
+            excess -= drop
         if excess > 0 and self.stores.seq_len == 0:
             # a residual longer than the window: it holds the window itself
-            self._res_k = self._res_k[..., excess:, :].clone()
-            self._res_v = self._res_v[..., excess:, :].clone()
+            self._res = self._res[..., excess:, :].clone()
 
 
 class KVTunerCache(Cache):
     """A transformers Cache applying a layer-wise precision config.
 
-    `config` is a PrecisionConfig (layers, scheme, group_size, residual_length); `model_config`
-    is the model's config (for the number of layers and their sliding windows).
+    `config` is a PrecisionConfig (per-layer pairs and the layout: scheme, groups, residual,
+    sinks); `model_config` the model's config (layer count, layer types, sliding windows). Layer
+    types other than full, sliding and chunked attention are refused. Through
+    `quantized_cache(model, ...)` the cache also sees the attention mask of each forward, so
+    left-padding stays out of KIVI's per-channel key blocks.
     """
 
-    def __init__(self, config: Any, model_config: Any, *, quantize_prefill: bool = True) -> None:
+    def __init__(
+        self,
+        config: Any,
+        model_config: Any,
+        *,
+        quantize_prefill: bool = defaults.QUANTIZE_PREFILL,
+    ) -> None:
         windows = sliding_windows(model_config)
         num_layers = text_config(model_config).num_hidden_layers
         if len(config.layers) != num_layers:
@@ -225,27 +269,24 @@ class KVTunerCache(Cache):
                 f"{source}: num_layers: config has {len(config.layers)} layers, model has {num_layers}"
             )
         self.precision = config
-        group_size = config.group_size
-        if config.scheme == "kivi" and group_size is None:
-            group_size = 32
-        head_dim = _head_dim(model_config)
-        if group_size is not None and head_dim % min(group_size, head_dim):
-            raise ConfigError(f"group_size: {group_size} does not divide head_dim {head_dim}")
         layers = [
             QuantizedKVLayer(
-                pair,
-                scheme=config.scheme,
-                group_size=group_size,
-                residual_length=config.residual_length,
-                sliding_window=window,
-                quantize_prefill=quantize_prefill,
+                pair, config.layout, sliding_window=window, quantize_prefill=quantize_prefill
             )
             for pair, window in zip(config.layers, windows)
         ]
         super().__init__(layers=layers)
 
+    def observe_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """The 2-D attention mask `[batch, positions]` of the coming forward (1 = token, 0 = padding)."""
+        valid = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask.bool()
+        for layer in self.layers:
+            layer.valid = valid
+
     def nbytes(self) -> int:
-        """Bytes really held: packed codes + scales + zero points + full-precision residual."""
+        """Bytes really held: packed codes + scales + zero points + full-precision sinks and residual."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def dense_nbytes(self) -> int:
@@ -256,9 +297,11 @@ class KVTunerCache(Cache):
         return [t for layer in self.layers for t in layer.tensors()]
 
 
-def _head_dim(model_config: Any) -> int:
-    cfg = text_config(model_config)
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+def _observe_attention_mask(module: Any, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: hand the forward's attention mask to a KVTunerCache it is given."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if isinstance(cache, KVTunerCache):
+        cache.observe_attention_mask(kwargs.get("attention_mask"))
 
 
 def quantized_cache(
@@ -266,14 +309,21 @@ def quantized_cache(
     config: Any,
     *,
     scheme: str | None = None,
-    quantize_prefill: bool = True,
+    quantize_prefill: bool = defaults.QUANTIZE_PREFILL,
 ) -> KVTunerCache:
     """A fresh KVTunerCache for `model` from a PrecisionConfig, a YAML path or a spec like "KV4".
 
-    Pass it to `model.generate(..., past_key_values=cache)` (or `cache=` on transformers >= 5.24).
+    Pass it to `model.generate(..., cache=cache)` (`past_key_values=` before transformers 5.24).
+    The first call registers a forward pre-hook on `model` (once) that shows the cache each
+    forward's attention mask, for left-padded batches.
     """
     from kvtuner.config import load_config
 
     num_layers = text_config(model.config).num_hidden_layers
     precision = load_config(config, num_layers=num_layers, scheme=scheme)
+    if not getattr(model, "_kvtuner_mask_hook", False) and hasattr(
+        model, "register_forward_pre_hook"
+    ):
+        model.register_forward_pre_hook(_observe_attention_mask, with_kwargs=True)
+        model._kvtuner_mask_hook = True
     return KVTunerCache(precision, model.config, quantize_prefill=quantize_prefill)

@@ -22,16 +22,16 @@ import pandas as pd
 import torch
 import yaml
 
+from kvtuner import defaults
 from kvtuner.capture import capture_layers, single_layer_kl
 from kvtuner.compat import text_config
-from kvtuner.config import KIVI_GROUP_SIZE, KIVI_RESIDUAL_LENGTH
 from kvtuner.errors import ConfigError
 from kvtuner.io import atomic_path
 from kvtuner.plots import plot_heatmap
 from kvtuner.precision import (
-    QUANTIZED_BITS,
     SCHEMES,
     SUPPORTED_BITS,
+    Layout,
     PrecisionPair,
     candidate_pairs,
 )
@@ -46,38 +46,42 @@ from kvtuner.sensitivity import (
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """What to measure. `group_size`/`residual_length` None take the scheme's defaults."""
+    """What to measure, under which layout. `group_size` None is one group per head;
+    `residual_length` None takes the scheme's default (KIVI 32, per-token 0)."""
 
-    scheme: str = "per-token"
-    bits: tuple[int, ...] = QUANTIZED_BITS
-    samples: int = 8
-    seq_len: int = 512
-    query_tokens: int = 64
-    group_size: int | None = None
+    scheme: str = defaults.SCHEME
+    bits: tuple[int, ...] = defaults.CANDIDATE_BITS
+    samples: int = defaults.CALIBRATION_SAMPLES
+    seq_len: int = defaults.CALIBRATION_SEQ_LEN
+    query_tokens: int = defaults.QUERY_TOKENS
+    group_size: int | None = defaults.GROUP_SIZE
     residual_length: int | None = None
+    block_size: int = defaults.KIVI_BLOCK_SIZE
+    sink_tokens: int = defaults.SINK_TOKENS
     seed: int = 0
     text: str | None = None
     end_to_end: bool = False
 
     def resolved(self) -> CalibrationSettings:
-        """Fill the scheme's defaults: KIVI group 32 and residual 32; per-token no residual."""
-        kivi = self.scheme == "kivi"
-        group = self.group_size if self.group_size is not None or not kivi else KIVI_GROUP_SIZE
-        residual = (
-            (self.residual_length if self.residual_length is not None else KIVI_RESIDUAL_LENGTH)
-            if kivi
-            else 0
-        )
-        return replace(self, group_size=group, residual_length=residual)
+        """Fill the scheme's residual: KIVI 32 unless given; per-token none."""
+        if self.scheme != "kivi":
+            return replace(self, residual_length=0)
+        if self.residual_length is None:
+            return replace(self, residual_length=defaults.KIVI_RESIDUAL_LENGTH)
+        return self
 
     @property
     def pairs(self) -> tuple[PrecisionPair, ...]:
         return candidate_pairs(self.bits)
 
     @property
-    def quant_scheme(self) -> QuantScheme:
+    def layout(self) -> Layout:
         s = self.resolved()
-        return QuantScheme(s.scheme, s.group_size, s.residual_length or 0)
+        return Layout(s.scheme, s.group_size, s.block_size, s.residual_length, s.sink_tokens)
+
+    @property
+    def quant_scheme(self) -> QuantScheme:
+        return QuantScheme(self.layout)
 
 
 def parse_bits(spec: str) -> tuple[int, ...]:
@@ -110,13 +114,14 @@ def check_settings(settings: CalibrationSettings, model_config: Any) -> None:
         raise ConfigError(
             f"--query-tokens must be between 1 and --seq-len {s.seq_len}; got {s.query_tokens}"
         )
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if s.group_size is not None and (s.group_size < 1 or head_dim % min(s.group_size, head_dim)):
-        raise ConfigError(f"--group-size {s.group_size} does not divide head_dim {head_dim}")
-    if s.quant_scheme.stored_tokens(s.seq_len) == 0:
+    if s.group_size is not None and s.group_size < 1:
+        raise ConfigError(f"--group-size must be positive; got {s.group_size}")
+    if s.block_size < 1 or s.sink_tokens < 0 or s.residual_length < 0:
+        raise ConfigError("--block-size must be positive, --sink-tokens and --residual-length >= 0")
+    if s.quant_scheme.held(s.seq_len).quantized == 0:
         raise ConfigError(
-            f"--seq-len {s.seq_len} leaves nothing to quantize under kivi (residual {s.residual_length}, "
-            f"group {s.group_size}): use a longer --seq-len"
+            f"--seq-len {s.seq_len} leaves nothing to quantize (sinks {s.sink_tokens}, residual "
+            f"{s.residual_length}, block {s.block_size}): use a longer --seq-len"
         )
 
 
@@ -173,7 +178,9 @@ def calibrate(
         "num_layers": int(text_config(model.config).num_hidden_layers),
         "scheme": s.scheme,
         "group_size": s.group_size,
+        "block_size": s.block_size,
         "residual_length": s.residual_length,
+        "sink_tokens": s.sink_tokens,
         "bits": list(s.bits),
         "pairs": [p.name for p in pairs],
         "text": s.text or "pydoc_data.topics",

@@ -18,27 +18,28 @@ from typing import Any
 
 import yaml
 
+from kvtuner import defaults
 from kvtuner.errors import ConfigError
 from kvtuner.io import atomic_write_text
 from kvtuner.precision import (
     SCHEMES,
     SUPPORTED_BITS,
+    Layout,
     PrecisionPair,
-    effective_bits,
     equivalent_bits,
     parse_pair,
 )
 
-FORMAT_VERSION = 1
-KIVI_GROUP_SIZE = 32
-KIVI_RESIDUAL_LENGTH = 32
+FORMAT_VERSION = 2  # 2 added block_size and sink_tokens; version 1 files read unchanged
 TOP_FIELDS = (
     "kvtuner",
     "model",
     "num_layers",
     "scheme",
     "group_size",
+    "block_size",
     "residual_length",
+    "sink_tokens",
     "equivalent_bits",
     "metadata",
     "layers",
@@ -49,17 +50,21 @@ PAIR_FIELDS = ("nbits_key", "nbits_value")
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    """Per-layer precision pairs plus the quantization scheme they apply under.
+    """Per-layer precision pairs plus the layout they are stored in (see `kvtuner.precision.Layout`).
 
-    `group_size=None` means one group per head (head_dim) under `per-token` and 32 under `kivi`;
-    `residual_length=None` means 0 under `per-token` and 32 under `kivi`. `heads` keeps the
-    per-head pairs of a head-wise preset (`layers[i]` is then the max over `heads[i]`).
+    `group_size`: channels per scale/zero of per-token groups (default 32; None = one group per
+    head, the paper's setting). `block_size`: KIVI's tokens per key block (default 32).
+    `residual_length=None` means 0 under `per-token` and 32 under `kivi`. `sink_tokens=None`
+    means the default number of first tokens kept in full precision. `heads` keeps the per-head
+    pairs of a head-wise preset (`layers[i]` is then the max over `heads[i]`).
     """
 
     layers: tuple[PrecisionPair, ...]
-    scheme: str = "per-token"
-    group_size: int | None = None
+    scheme: str = defaults.SCHEME
+    group_size: int | None = defaults.GROUP_SIZE
     residual_length: int | None = None
+    block_size: int | None = None
+    sink_tokens: int | None = None
     model: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
     source: str | None = field(default=None, compare=False)
@@ -77,18 +82,22 @@ class PrecisionConfig:
                 f"{where}: scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}"
             )
         kivi = self.scheme == "kivi"
-        if self.group_size is None and kivi:
-            object.__setattr__(self, "group_size", KIVI_GROUP_SIZE)
         if self.residual_length is None:
-            object.__setattr__(self, "residual_length", KIVI_RESIDUAL_LENGTH if kivi else 0)
+            residual = defaults.KIVI_RESIDUAL_LENGTH if kivi else 0
+            object.__setattr__(self, "residual_length", residual)
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", defaults.KIVI_BLOCK_SIZE)
+        if self.sink_tokens is None:
+            object.__setattr__(self, "sink_tokens", defaults.SINK_TOKENS)
         if self.group_size is not None and (not _is_int(self.group_size) or self.group_size <= 0):
             raise ConfigError(
                 f"{where}: group_size must be a positive integer or null; got {self.group_size!r}"
             )
-        if not _is_int(self.residual_length) or self.residual_length < 0:
-            raise ConfigError(
-                f"{where}: residual_length must be a non-negative integer; got {self.residual_length!r}"
-            )
+        for name, least in (("block_size", 1), ("residual_length", 0), ("sink_tokens", 0)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < least:
+                kind = "a positive" if least else "a non-negative"
+                raise ConfigError(f"{where}: {name} must be {kind} integer; got {value!r}")
         if self.heads is not None:
             object.__setattr__(self, "heads", tuple(tuple(h) for h in self.heads))
             if len(self.heads) != len(self.layers):
@@ -127,17 +136,31 @@ class PrecisionConfig:
             return self.layers[0].name
         return f"mixed-{self.equivalent_bits:g}"
 
-    def effective_bits(self, head_dim: int, context: int, dtype_bits: int = 16) -> float:
-        """Bits per cached element with scales, zero points and residual, at `context` tokens."""
-        return effective_bits(
-            self.layers,
+    @property
+    def layout(self) -> Layout:
+        """How the cache holds the tokens: scheme, groups, blocks, residual, sinks."""
+        return Layout(
             scheme=self.scheme,
-            head_dim=head_dim,
             group_size=self.group_size,
+            block_size=self.block_size,
             residual_length=self.residual_length,
-            context=context,
-            dtype_bits=dtype_bits,
+            sink_tokens=self.sink_tokens,
         )
+
+    def effective_bits(
+        self, shape: Any, context: int = defaults.BUDGET_CONTEXT, dtype_bits: int = 16
+    ) -> float:
+        """Bits per cached element at `context` tokens on a model of `shape` (a ModelShape):
+        scales, zero points, full-precision sinks and residual, sliding windows included."""
+        from kvtuner.memory import effective_bits
+
+        return effective_bits(self.layers, self.layout, shape, context, dtype_bits)
+
+    def with_layers(self, layers: Any, **changes: Any) -> PrecisionConfig:
+        """The same layout with other per-layer pairs (and other fields in `changes`)."""
+        from dataclasses import replace
+
+        return replace(self, layers=tuple(layers), heads=None, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """The own YAML format as a dict (what `save` writes)."""
@@ -147,7 +170,9 @@ class PrecisionConfig:
             "num_layers": self.num_layers,
             "scheme": self.scheme,
             "group_size": self.group_size,
+            "block_size": self.block_size,
             "residual_length": self.residual_length,
+            "sink_tokens": self.sink_tokens,
             "equivalent_bits": round(self.equivalent_bits, 6),
             "metadata": dict(self.metadata),
             "layers": {i: _pair_dict(p) for i, p in enumerate(self.layers)},
@@ -290,7 +315,7 @@ def _from_own_format(data: dict[Any, Any], where: str, scheme: str | None) -> Pr
     version = data.get("kvtuner", FORMAT_VERSION)
     if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
         raise ConfigError(
-            f"{where}: kvtuner: format version {version!r} is not one this kvtuner reads (1)"
+            f"{where}: kvtuner: format version {version!r} is not one this kvtuner reads (1, 2)"
         )
     if "layers" not in data:
         raise ConfigError(f"{where}: layers: field is missing")
@@ -320,12 +345,21 @@ def _from_own_format(data: dict[Any, Any], where: str, scheme: str | None) -> Pr
     metadata = data.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ConfigError(f"{where}: metadata must be a mapping; got {type(metadata).__name__}")
+    chosen_scheme = file_scheme or scheme or defaults.SCHEME
+    group_size = data.get("group_size", defaults.GROUP_SIZE)
+    block_size = data.get("block_size")
+    if version == 1 and chosen_scheme == "kivi":
+        # version 1 had one group_size for KIVI's key blocks and value groups (null meant 32)
+        group_size = group_size if group_size is not None else defaults.GROUP_SIZE
+        block_size = group_size
     config = PrecisionConfig(
         layers=layers,
         heads=heads,
-        scheme=file_scheme or scheme or "per-token",
-        group_size=data.get("group_size"),
+        scheme=chosen_scheme,
+        group_size=group_size,
+        block_size=block_size,
         residual_length=data.get("residual_length"),
+        sink_tokens=data.get("sink_tokens"),
         model=model,
         metadata=dict(metadata),
         source=where,

@@ -1,7 +1,8 @@
-"""Precision pairs (key bits, value bits) and the bit accounting of a layer-wise config.
+"""Precision pairs (key bits, value bits), and the layout a scheme stores them in.
 
-Equivalent bits is the paper's figure: mean over layers of (k + v) / 2.
-Effective bits also counts scales, zero points and the full-precision residual.
+Equivalent bits is the paper's figure: mean over layers of (k + v) / 2. What a cache really holds
+(effective bits: scales, zero points, full-precision sinks and residual, sliding windows) is
+counted in `kvtuner.memory`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from kvtuner import defaults
 
 SUPPORTED_BITS: tuple[int, ...] = (2, 4, 8, 16)
 QUANTIZED_BITS: tuple[int, ...] = (2, 4, 8)
@@ -79,52 +82,54 @@ def equivalent_bits(pairs: Sequence[PrecisionPair]) -> float:
     return sum(p.equivalent_bits for p in pairs) / len(pairs)
 
 
-def quantized_token_count(
-    scheme: str, context: int, group_size: int | None, residual_length: int
-) -> int:
-    """How many of `context` tokens sit in packed storage (the rest is the fp residual).
+@dataclass(frozen=True)
+class Layout:
+    """How a cache layer holds its tokens, whatever their bits.
 
-    `per-token` quantizes every token; `kivi` flushes whole blocks of `group_size` tokens once
-    more than `residual_length` tokens wait, so between R and R + G - 1 stay in full precision.
+    - `scheme`: `per-token` (K and V quantized per token over groups of channels) or `kivi` (K per
+      channel over blocks of `block_size` tokens, V per token; the newest `residual_length` tokens
+      up to `residual_length + block_size - 1` wait in full precision).
+    - `group_size`: channels per scale and zero point of per-token groups (None: one group per
+      head). A size that does not divide head_dim falls to its largest divisor below (80: 20).
+    - `sink_tokens`: the first tokens of the sequence, kept in full precision (attention sinks).
     """
-    if scheme != "kivi":
-        return context
-    block = group_size or 32
-    return max(context - residual_length, 0) // block * block
+
+    scheme: str = defaults.SCHEME
+    group_size: int | None = defaults.GROUP_SIZE
+    block_size: int = defaults.KIVI_BLOCK_SIZE
+    residual_length: int = 0
+    sink_tokens: int = defaults.SINK_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be positive or null; got {self.group_size}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive; got {self.block_size}")
+        if self.residual_length < 0 or self.sink_tokens < 0:
+            raise ValueError("residual_length and sink_tokens must be >= 0")
+        if self.scheme != "kivi":
+            object.__setattr__(self, "residual_length", 0)
+
+    @property
+    def kivi(self) -> bool:
+        return self.scheme == "kivi"
+
+    def block(self, pair: PrecisionPair) -> int:
+        """Tokens a layer at `pair` moves into storage together: KIVI's blocks, else 1 (a layer
+        that quantizes nothing has no blocks either)."""
+        quantized = pair.key_bits != FULL_PRECISION or pair.value_bits != FULL_PRECISION
+        return self.block_size if self.kivi and quantized else 1
+
+    def channel_group(self, head_dim: int) -> int:
+        """Channels per scale/zero of per-token groups on heads of `head_dim` channels."""
+        return channel_group(self.group_size, head_dim)
 
 
-def effective_bits(
-    pairs: Sequence[PrecisionPair],
-    *,
-    scheme: str,
-    head_dim: int,
-    group_size: int | None,
-    residual_length: int,
-    context: int,
-    dtype_bits: int = 16,
-) -> float:
-    """Mean bits per KV element over layers, with scales, zeros and residual at `context` tokens.
-
-    Scales and zero points cost `dtype_bits` each per group; residual tokens cost `dtype_bits`.
-    Per-token groups run along head_dim (`group_size`, default head_dim); KIVI keys are grouped
-    along tokens (`group_size` tokens per channel).
-    """
-    if context <= 0:
-        raise ValueError("context must be positive")
-    quantized = quantized_token_count(scheme, context, group_size, residual_length)
-    residual = context - quantized
-    channel_group = min(group_size or head_dim, head_dim)
-    groups_per_token = -(-head_dim // channel_group)
-    per_token_overhead = 2 * dtype_bits * groups_per_token / head_dim
-    per_channel_overhead = 2 * dtype_bits / (group_size or 32)
-
-    def cost(bits: int, per_channel: bool) -> float:
-        if bits == FULL_PRECISION:
-            return float(dtype_bits)
-        overhead = per_channel_overhead if per_channel else per_token_overhead
-        return (quantized * (bits + overhead) + residual * dtype_bits) / context
-
-    total = 0.0
-    for pair in pairs:
-        total += cost(pair.key_bits, scheme == "kivi") + cost(pair.value_bits, False)
-    return total / (2 * len(pairs))
+def channel_group(group_size: int | None, head_dim: int) -> int:
+    """`group_size` channels, at most `head_dim`, lowered to the largest divisor of head_dim
+    (None: the whole head). 32 on 64 -> 32; 32 on 80 -> 20; 32 on 16 -> 16."""
+    if group_size is None or group_size >= head_dim:
+        return head_dim
+    return max(d for d in range(1, group_size + 1) if head_dim % d == 0)

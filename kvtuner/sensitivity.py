@@ -8,9 +8,9 @@ and K̂, V̂ their quantize-dequantize at a precision pair:
 
 Grouped-query attention: query head h reads KV head h // (heads / kv_heads), as transformers'
 `repeat_kv` (repeat_interleave) does. The mask is causal, plus the layer's sliding window: a query
-at position t sees keys max(0, t - window + 1) .. t. Under KIVI a query at t sees the first
-`quantized_token_count(t + 1)` keys and values quantized and the newer ones (the residual) exact,
-as the cache holds them at that decoding step.
+at position t sees keys max(0, t - window + 1) .. t. A query at t sees the keys and values the
+cache holds quantized at that step (`kvtuner.memory.held_tokens(t + 1)`: after the full-precision
+sinks, and under KIVI before the full-precision residual) quantized, the others exact.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kvtuner.precision import FULL_PRECISION, PrecisionPair, quantized_token_count
+from kvtuner.memory import HeldTokens, held_tokens
+from kvtuner.precision import FULL_PRECISION, Layout, PrecisionPair
 from kvtuner.quant import fake_quantize
 
 COLUMNS = ("layer", "key_bits", "value_bits", "equivalent_bits", "e_o", "e_k", "e_v")
@@ -52,43 +53,41 @@ class LayerCapture:
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """How the cache quantizes one layer: `per-token`, or `kivi` (keys per channel, a residual)."""
+    """How the cache quantizes one layer's history: a `Layout` (sinks, groups, KIVI blocks and
+    residual) applied to a whole captured sequence."""
 
-    name: str = "per-token"
-    group_size: int | None = None
-    residual_length: int = 0
+    layout: Layout = Layout()
 
-    def stored_tokens(self, context: int) -> int:
-        """How many of the oldest `context` tokens the cache holds quantized."""
-        residual = self.residual_length if self.name == "kivi" else 0
-        return quantized_token_count(self.name, context, self.group_size, residual)
+    def held(self, context: int) -> HeldTokens:
+        """Sinks, quantized and residual tokens among the first `context` (full attention)."""
+        return held_tokens(self.layout, PrecisionPair(2, 2), context)
 
     def quantize(self, x: torch.Tensor, bits: int, *, is_key: bool) -> torch.Tensor:
-        """Quantize-dequantize the stored part of `[..., seq, head_dim]`; the residual stays exact."""
+        """Quantize-dequantize the stored part of `[..., seq, head_dim]`; sinks and residual stay exact."""
         if bits == FULL_PRECISION:
             return x
-        stored = self.stored_tokens(x.shape[-2])
-        if stored == 0:
+        held = self.held(x.shape[-2])
+        if held.quantized == 0:
             return x
-        head_dim = x.shape[-1]
-        if self.name == "kivi" and is_key:
-            part = fake_quantize(
-                x[..., :stored, :], bits, per_channel=True, group_size=self.group_size or 32
-            )
+        begin, end = held.sinks, held.sinks + held.quantized
+        part = x[..., begin:end, :]
+        if self.layout.kivi and is_key:
+            part = fake_quantize(part, bits, per_channel=True, group_size=self.layout.block_size)
         else:
-            # a group wider than the head (KIVI's 32 on a 16-channel head) is one group per head
-            group = min(self.group_size or head_dim, head_dim)
-            part = fake_quantize(x[..., :stored, :], bits, group_size=group)
-        return part if stored == x.shape[-2] else torch.cat([part, x[..., stored:, :]], dim=-2)
+            group = self.layout.channel_group(x.shape[-1])
+            part = fake_quantize(part, bits, group_size=group)
+        return torch.cat([x[..., :begin, :], part, x[..., end:, :]], dim=-2)
 
     def stored_mask(self, query_positions: torch.Tensor, seq_len: int) -> torch.Tensor | None:
         """Bool `[queries, seq]`: key j is held quantized when query t runs; None when all are."""
-        if self.name != "kivi":
+        layout = self.layout
+        if not layout.kivi and layout.sink_tokens == 0:
             return None
-        counts = torch.tensor(
-            [self.stored_tokens(int(t) + 1) for t in query_positions], device=query_positions.device
-        )
-        return torch.arange(seq_len, device=query_positions.device)[None, :] < counts[:, None]
+        bounds = [self.held(int(t) + 1) for t in query_positions]
+        begin = torch.tensor([h.sinks for h in bounds], device=query_positions.device)
+        end = torch.tensor([h.sinks + h.quantized for h in bounds], device=query_positions.device)
+        keys = torch.arange(seq_len, device=query_positions.device)[None, :]
+        return (keys >= begin[:, None]) & (keys < end[:, None])
 
 
 def visible_mask(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from kvtuner.compat import model_shape
 from kvtuner.config import PrecisionConfig, load_config
 from kvtuner.data import heldout_text
 from kvtuner.evaluate import EvalProtocol, Evaluator, eval_samples
@@ -98,8 +99,6 @@ def compare(args: argparse.Namespace, *, progress: bool = True) -> dict:
         or Path("searched_configs") / loaded.name / args.scheme / config_filename(args.cap)
     )
     searched = load_config(path, num_layers=loaded.num_layers, scheme=args.scheme)
-    cfg = loaded.model.config.get_text_config(decoder=True)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
     def uniform(name: str) -> PrecisionConfig:
         return PrecisionConfig.uniform(
@@ -137,7 +136,9 @@ def compare(args: argparse.Namespace, *, progress: bool = True) -> dict:
                 "kind": kind,
                 "name": name,
                 "equivalent_bits": config.equivalent_bits,
-                "effective_bits": config.effective_bits(head_dim, EFFECTIVE_BITS_CONTEXT),
+                "effective_bits": config.effective_bits(
+                    model_shape(loaded.model.config), EFFECTIVE_BITS_CONTEXT
+                ),
                 "kl": result.kl,
                 "kl_stderr": result.kl_stderr,
                 "ppl": result.ppl,

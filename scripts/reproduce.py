@@ -46,7 +46,7 @@ from transformers import DynamicCache
 
 from kvtuner.bench import cache_bytes, run_bench, transformers_quantized_cache
 from kvtuner.cache import KVTunerCache
-from kvtuner.compat import sliding_windows, text_config
+from kvtuner.compat import model_shape, sliding_windows, text_config
 from kvtuner.config import PrecisionConfig, load_config
 from kvtuner.evaluate import EvalProtocol, EvalResult, Evaluator, continuation_logits, eval_samples
 from kvtuner.io import atomic_write_text
@@ -259,7 +259,7 @@ class ModelRun:
         row.values.update(
             equivalent_bits=config.equivalent_bits,
             effective_bits=config.effective_bits(
-                self.head_dim, settings.memory_tokens, self.dtype_bits
+                model_shape(self.loaded.model.config), settings.memory_tokens, self.dtype_bits
             ),
         )
         log(f"{self.name} {config.scheme} {row.config}: quality")

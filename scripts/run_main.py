@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         path = results / config_filename(cap)
         if path.is_file():
             rows.append((f"kvtuner C{cap:g}", load_config(path, num_layers=loaded.num_layers)))
-    cfg = loaded.model.config.get_text_config(decoder=True)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    from kvtuner.compat import model_shape
+
+    shape = model_shape(loaded.model.config)
     lines = [
         f"{args.model}, {args.scheme}: held-out text, {args.eval_samples} samples x (512 context + 128 scored)",
         "",
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, config in rows:
         result = evaluator.evaluate(config)
         lines.append(
-            f"| {name} | {config.equivalent_bits:.2f} | {config.effective_bits(head_dim, 4096):.2f} | "
+            f"| {name} | {config.equivalent_bits:.2f} | {config.effective_bits(shape, 4096):.2f} | "
             f"{result.kl:.4f} ± {result.kl_stderr:.4f} | {result.ppl:.2f} |"
         )
     lines.append(f"| full precision | 16.00 | 16.00 | 0 | {result.reference_ppl:.2f} |")

@@ -21,7 +21,7 @@ from kvtuner.calibrate import (
 )
 from kvtuner.capture import attention_hook, capture_layers, single_layer_kl
 from kvtuner.errors import ConfigError
-from kvtuner.precision import PrecisionPair
+from kvtuner.precision import Layout, PrecisionPair
 from kvtuner.sensitivity import COLUMNS, LayerCapture, QuantScheme, attention_output
 
 
@@ -99,11 +99,11 @@ def test_single_layer_kl_zero_at_16_bits_positive_at_2():
     model = build_tiny_model("gemma3")
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(3))
     full = single_layer_kl(
-        model, ids, PrecisionPair(16, 16), QuantScheme("per-token"), query_tokens=8, progress=False
+        model, ids, PrecisionPair(16, 16), QuantScheme(Layout("per-token")), query_tokens=8, progress=False
     )
     assert len(full) == 4 and max(full) < 1e-6  # float rounding of SDPA vs the same math
     low = single_layer_kl(
-        model, ids, PrecisionPair(2, 2), QuantScheme("kivi", 8, 8), query_tokens=8, progress=False
+        model, ids, PrecisionPair(2, 2), QuantScheme(Layout("kivi", 8, 8, 8, 0)), query_tokens=8, progress=False
     )
     assert min(low) > 1e-6
 
@@ -131,17 +131,16 @@ def test_check_settings_rejects_what_the_model_cannot_run():
         check_settings(CalibrationSettings(seq_len=600), config)
     with pytest.raises(ConfigError, match="--query-tokens"):
         check_settings(CalibrationSettings(seq_len=32, query_tokens=64), config)
-    with pytest.raises(ConfigError, match="--group-size 6 does not divide head_dim 16"):
-        check_settings(CalibrationSettings(seq_len=64, query_tokens=8, group_size=6), config)
-    with pytest.raises(ConfigError, match="nothing to quantize under kivi"):
+    with pytest.raises(ConfigError, match="--group-size must be positive"):
+        check_settings(CalibrationSettings(seq_len=64, query_tokens=8, group_size=0), config)
+    with pytest.raises(ConfigError, match="nothing to quantize"):
         check_settings(CalibrationSettings(scheme="kivi", seq_len=48, query_tokens=8), config)
 
 
 def test_settings_resolve_scheme_defaults():
-    assert CalibrationSettings(scheme="kivi").resolved().group_size == 32
-    assert CalibrationSettings(scheme="kivi").resolved().residual_length == 32
+    assert CalibrationSettings(scheme="kivi").layout == Layout("kivi", 32, 32, 32, 4)
     per_token = CalibrationSettings(residual_length=16).resolved()
-    assert per_token.group_size is None and per_token.residual_length == 0
+    assert per_token.group_size == 32 and per_token.residual_length == 0
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import yaml
 
 from kvtuner.config import PrecisionConfig, check_num_layers, load_config
 from kvtuner.errors import ConfigError
-from kvtuner.precision import PrecisionPair, effective_bits
+from kvtuner.memory import ModelShape, effective_bits
+from kvtuner.precision import PrecisionPair
 
 PRESETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "presets"
 KV8, K8V4, KV4, K4V2, KV2 = (PrecisionPair(*b) for b in [(8, 8), (8, 4), (4, 4), (4, 2), (2, 2)])
@@ -58,13 +59,28 @@ def test_scheme_defaults():
     per_token = PrecisionConfig.uniform("KV4", 2)
     assert (per_token.scheme, per_token.group_size, per_token.residual_length) == (
         "per-token",
-        None,
+        32,
         0,
     )
+    assert per_token.sink_tokens == 4
     kivi = PrecisionConfig.uniform(KV4, 2, scheme="kivi")
-    assert (kivi.group_size, kivi.residual_length) == (32, 32)
-    custom = PrecisionConfig.uniform(KV4, 2, scheme="kivi", group_size=64, residual_length=0)
-    assert (custom.group_size, custom.residual_length) == (64, 0)
+    assert (kivi.group_size, kivi.block_size, kivi.residual_length) == (32, 32, 32)
+    custom = PrecisionConfig.uniform(
+        KV4, 2, scheme="kivi", group_size=40, block_size=64, residual_length=0, sink_tokens=0
+    )
+    assert (custom.group_size, custom.block_size, custom.residual_length) == (40, 64, 0)
+    assert custom.layout.channel_group(80) == 40 and custom.layout.channel_group(64) == 32
+
+
+def test_version_1_files_keep_their_meaning(tmp_path):
+    """Version 1 had one KIVI group_size for key blocks and value groups, and null meant per head."""
+    path = tmp_path / "v1.yaml"
+    layers = "layers:\n  0: {nbits_key: 4, nbits_value: 2}\n"
+    path.write_text(f"kvtuner: 1\nscheme: kivi\ngroup_size: 16\n{layers}")
+    cfg = load_config(path)
+    assert (cfg.group_size, cfg.block_size) == (16, 16)
+    path.write_text(f"kvtuner: 1\nscheme: per-token\ngroup_size: null\n{layers}")
+    assert load_config(path).group_size is None
 
 
 def test_round_trip_own_format(tmp_path):
@@ -86,7 +102,7 @@ def test_round_trip_own_format(tmp_path):
     assert loaded.source == str(path)
     assert loaded.to_yaml() == cfg.to_yaml()
     text = path.read_text()
-    assert text.startswith("kvtuner: 1\nmodel: gemma-3-270m\nnum_layers: 5\nscheme: kivi\n")
+    assert text.startswith("kvtuner: 2\nmodel: gemma-3-270m\nnum_layers: 5\nscheme: kivi\n")
     assert "  1: {nbits_key: 8, nbits_value: 4}\n" in text
     assert "equivalent_bits: 4.6\n" in text  # (8 + 6 + 4 + 3 + 2) / 5
 
@@ -208,18 +224,12 @@ def test_stale_equivalent_bits_warns(tmp_path):
         assert load_config(path).equivalent_bits == 4.0
 
 
-def test_effective_bits_matches_precision_module():
+def test_effective_bits_matches_memory_module():
     cfg = PrecisionConfig(layers=(KV8, K4V2), scheme="kivi")
-    expected = effective_bits(
-        cfg.layers,
-        scheme="kivi",
-        head_dim=64,
-        group_size=32,
-        residual_length=32,
-        context=1000,
-        dtype_bits=16,
-    )
-    assert cfg.effective_bits(head_dim=64, context=1000) == expected
+    shape = ModelShape(num_layers=2, kv_heads=2, head_dim=64, windows=(None, 300))
+    expected = effective_bits(cfg.layers, cfg.layout, shape, 1000, 16)
+    assert cfg.effective_bits(shape, 1000) == expected
+    assert 3.0 < expected < 9.0  # KV8 and K4V2 (6 equivalent bits) plus scales and residual
 
 
 @pytest.mark.parametrize(

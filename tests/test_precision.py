@@ -1,16 +1,14 @@
-"""Precision pairs, spec parsing, and equivalent / effective bits checked against hand computations."""
-
-import math
+"""Precision pairs, spec parsing, equivalent bits and layouts, checked against hand computations."""
 
 import pytest
 
 from kvtuner.precision import (
+    Layout,
     PrecisionPair,
     candidate_pairs,
-    effective_bits,
+    channel_group,
     equivalent_bits,
     parse_pair,
-    quantized_token_count,
 )
 
 
@@ -77,60 +75,19 @@ def test_equivalent_bits_is_mean_of_pair_means():
         equivalent_bits([])
 
 
-def test_quantized_token_count():
-    assert quantized_token_count("per-token", 100, None, 0) == 100
-    # kivi: (100 - 32) // 32 * 32 = 64 tokens packed, 36 in the residual
-    assert quantized_token_count("kivi", 100, 32, 32) == 64
-    assert quantized_token_count("kivi", 20, 32, 32) == 0
+def test_channel_group_falls_to_a_divisor_of_head_dim():
+    assert channel_group(32, 64) == 32
+    assert channel_group(32, 80) == 20
+    assert channel_group(32, 16) == 16
+    assert channel_group(None, 256) == 256
+    assert channel_group(64, 256) == 64
 
 
-def test_effective_bits_per_token_by_hand():
-    # one min/max group per head of 64: scale + zero at 16 bits = 32 bits / 64 = 0.5 bit per element
-    kv4 = [PrecisionPair(4, 4)]
-    assert (
-        effective_bits(
-            kv4, scheme="per-token", head_dim=64, group_size=None, residual_length=0, context=10
-        )
-        == 4.5
-    )
-    # groups of 32 channels double the overhead: 4 + 1
-    assert (
-        effective_bits(
-            kv4, scheme="per-token", head_dim=64, group_size=32, residual_length=0, context=10
-        )
-        == 5.0
-    )
-    # fp16 layers cost dtype_bits; the mean is over layers
-    mixed = [PrecisionPair(4, 4), PrecisionPair(16, 16)]
-    got = effective_bits(
-        mixed, scheme="per-token", head_dim=64, group_size=None, residual_length=0, context=10
-    )
-    assert got == pytest.approx((4.5 + 16) / 2)
-
-
-def test_effective_bits_kivi_by_hand():
-    # 128 tokens, G = R = 32: 96 packed, 32 residual at 16 bits.
-    # keys: per channel, 2*16/32 = 1 bit overhead -> (96 * 3 + 32 * 16) / 128 = 6.25
-    # values: per token, 2 groups of 32 channels in 64: 2*16*2/64 = 1 bit -> also 6.25
-    got = effective_bits(
-        [PrecisionPair(2, 2)],
-        scheme="kivi",
-        head_dim=64,
-        group_size=32,
-        residual_length=32,
-        context=128,
-    )
-    assert got == pytest.approx(6.25)
-    assert not math.isclose(got, 2.0)
-
-
-def test_effective_bits_needs_positive_context():
+def test_layout_blocks_only_when_something_is_quantized():
+    kivi = Layout("kivi", residual_length=32)
+    assert kivi.block(PrecisionPair(4, 2)) == 32
+    assert kivi.block(PrecisionPair(16, 4)) == 32
+    assert kivi.block(PrecisionPair(16, 16)) == 1
+    assert Layout("per-token", residual_length=32).residual_length == 0  # per-token has none
     with pytest.raises(ValueError):
-        effective_bits(
-            [PrecisionPair(4, 4)],
-            scheme="per-token",
-            head_dim=64,
-            group_size=None,
-            residual_length=0,
-            context=0,
-        )
+        Layout("per-channel")

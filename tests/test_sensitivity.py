@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from kvtuner.precision import PrecisionPair, candidate_pairs, quantized_token_count
+from kvtuner.memory import held_tokens
+from kvtuner.precision import Layout, PrecisionPair, candidate_pairs
 from kvtuner.quant import fake_quantize
 from kvtuner.sensitivity import (
     COLUMNS,
@@ -19,6 +20,15 @@ from kvtuner.sensitivity import (
     relative_error,
     sensitivity_table,
 )
+
+PER_TOKEN = QuantScheme(Layout("per-token", group_size=None, sink_tokens=0))
+
+
+def kivi(group: int, residual: int) -> QuantScheme:
+    """KIVI with key blocks and value groups of `group`, no sinks (as the hand computations)."""
+    return QuantScheme(
+        Layout("kivi", group_size=group, block_size=group, residual_length=residual, sink_tokens=0)
+    )
 
 
 def random_capture(
@@ -96,7 +106,7 @@ def test_window_masks_old_keys():
 
 def test_e_o_is_zero_at_16_bits():
     capture = random_capture(window=8)
-    for scheme in (QuantScheme("per-token"), QuantScheme("kivi", 8, 8)):
+    for scheme in (PER_TOKEN, kivi(8, 8)):
         (row,) = layer_errors(capture, [PrecisionPair(16, 16)], scheme)
         assert row["e_o"] == 0.0 and row["e_k"] == 0.0 and row["e_v"] == 0.0
 
@@ -106,7 +116,7 @@ def test_per_token_errors_match_direct_computation():
     pairs = candidate_pairs((2, 4, 8))
     rows = {
         (r["key_bits"], r["value_bits"]): r
-        for r in layer_errors(capture, pairs, QuantScheme("per-token"))
+        for r in layer_errors(capture, pairs, PER_TOKEN)
     }
     assert len(rows) == 9
     for pair in pairs:
@@ -124,18 +134,18 @@ def test_per_token_errors_match_direct_computation():
 
 
 def test_kivi_queries_see_their_own_residual():
-    # group 4, residual 4: a query at t reads the first quantized_token_count(t + 1) tokens quantized
+    # group 4, residual 4: a query at t reads the tokens held quantized after t + 1 quantized
     group, residual = 4, 4
     capture = random_capture(seq=24, queries=10, head_dim=16)
     pair = PrecisionPair(2, 4)
-    (row,) = layer_errors(capture, [pair], QuantScheme("kivi", group, residual))
-    stored_total = quantized_token_count("kivi", 24, group, residual)
+    (row,) = layer_errors(capture, [pair], kivi(group, residual))
+    stored_total = held_tokens(kivi(group, residual).layout, pair, 24).quantized
     k_hat = fake_quantize(capture.key[..., :stored_total, :], 2, per_channel=True, group_size=group)
     v_hat = fake_quantize(capture.value[..., :stored_total, :], 4, group_size=group)
 
     def mixed(x, x_hat):
         def at(t):
-            count = quantized_token_count("kivi", t + 1, group, residual)
+            count = held_tokens(kivi(group, residual).layout, pair, t + 1).quantized
             return torch.cat([x_hat[..., :count, :], x[..., count:, :]], dim=-2)
 
         return at
@@ -148,13 +158,13 @@ def test_kivi_queries_see_their_own_residual():
 
 def test_kivi_with_residual_longer_than_sample_quantizes_nothing():
     capture = random_capture(seq=24)
-    (row,) = layer_errors(capture, [PrecisionPair(2, 2)], QuantScheme("kivi", 32, 32))
+    (row,) = layer_errors(capture, [PrecisionPair(2, 2)], kivi(32, 32))
     assert row["e_o"] == 0.0 and row["e_k"] == 0.0
 
 
 def test_errors_shrink_with_bits():
     capture = random_capture(seq=64, queries=16)
-    for scheme in (QuantScheme("per-token"), QuantScheme("kivi", 8, 8)):
+    for scheme in (PER_TOKEN, kivi(8, 8)):
         rows = {
             (r["key_bits"], r["value_bits"]): r["e_o"]
             for r in layer_errors(capture, candidate_pairs(), scheme)
@@ -166,7 +176,7 @@ def test_errors_shrink_with_bits():
 def test_sensitivity_table_is_tidy_and_ordered():
     captures = [random_capture(seed=i, layer=i) for i in range(3)]
     pairs = candidate_pairs((2, 4, 8))
-    table = sensitivity_table(captures, pairs, QuantScheme("per-token"), progress=False)
+    table = sensitivity_table(captures, pairs, PER_TOKEN, progress=False)
     assert list(table.columns) == list(COLUMNS)
     assert len(table) == 27
     assert table.layer.tolist() == [0] * 9 + [1] * 9 + [2] * 9
@@ -181,3 +191,13 @@ def test_relative_error():
     assert relative_error(exact + torch.tensor([0.3, 0.4]), exact) == pytest.approx(0.1)
     assert relative_error(torch.zeros(2), torch.zeros(2)) == 0.0
     assert math.isclose(relative_error(exact, exact), 0.0)
+
+
+def test_sinks_stay_exact_and_are_not_counted_as_quantized():
+    capture = random_capture(seq=24, queries=10, head_dim=16)
+    scheme = QuantScheme(Layout("per-token", group_size=8, sink_tokens=3))
+    k_hat = scheme.quantize(capture.key, 2, is_key=True)
+    assert torch.equal(k_hat[..., :3, :], capture.key[..., :3, :])
+    assert not torch.equal(k_hat[..., 3:, :], capture.key[..., 3:, :])
+    mask = scheme.stored_mask(torch.arange(14, 24), 24)
+    assert not mask[:, :3].any() and mask[0, 3:15].all()

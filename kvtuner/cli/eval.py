@@ -75,11 +75,9 @@ def eval_command(
     cfg = load_config(early or config, num_layers=loaded.num_layers, scheme=scheme)
     tokens = eval_samples(loaded.tokenizer, corpus, samples, protocol, seed=seed)
     result = Evaluator(loaded.model, tokens, protocol, progress=not json).evaluate(cfg)
-    model_config = loaded.model.config.get_text_config(decoder=True)
-    head_dim = (
-        getattr(model_config, "head_dim", None)
-        or model_config.hidden_size // model_config.num_attention_heads
-    )
+    from kvtuner.compat import model_shape
+
+    shape = model_shape(loaded.model.config)
     summary: dict[str, Any] = {
         "model": loaded.name,
         "config": str(config),
@@ -89,7 +87,7 @@ def eval_command(
         "ppl": result.ppl,
         "reference_ppl": result.reference_ppl,
         "equivalent_bits": cfg.equivalent_bits,
-        "effective_bits": cfg.effective_bits(head_dim, EFFECTIVE_BITS_CONTEXT),
+        "effective_bits": cfg.effective_bits(shape, EFFECTIVE_BITS_CONTEXT),
         "effective_bits_context": EFFECTIVE_BITS_CONTEXT,
         "tokens": result.tokens,
         "samples": samples,

@@ -35,26 +35,22 @@ def show(
     json: JsonOption = False,
 ) -> None:
     """Show a precision config: one row per layer, equivalent bits, scheme."""
-    num_layers = head_dim = None
+    num_layers = shape = None
     if model is not None:
-        from kvtuner.models import load_model_config, text_config
+        from kvtuner.compat import model_shape
+        from kvtuner.models import load_model_config
 
-        model_config = text_config(load_model_config(model))
-        num_layers = int(model_config.num_hidden_layers)
-        head_dim = getattr(model_config, "head_dim", None) or (
-            model_config.hidden_size // model_config.num_attention_heads
-        )
+        shape = model_shape(load_model_config(model))
+        num_layers = shape.num_layers
     cfg = load_config(config, num_layers=num_layers, scheme=scheme)
-    summary = summarize(cfg, head_dim=head_dim, context=context)
+    summary = summarize(cfg, shape=shape, context=context)
     if json:
         emit_json(summary)
         return
     typer.echo(render(cfg, summary))
 
 
-def summarize(
-    cfg: PrecisionConfig, head_dim: int | None = None, context: int = 4096
-) -> dict[str, Any]:
+def summarize(cfg: PrecisionConfig, shape: Any = None, context: int = 4096) -> dict[str, Any]:
     """The `--json` object: num_layers, equivalent_bits, scheme, layers [{layer, key_bits, value_bits}]."""
     summary: dict[str, Any] = {
         "num_layers": cfg.num_layers,
@@ -69,8 +65,8 @@ def summarize(
             for i, p in enumerate(cfg.layers)
         ],
     }
-    if head_dim is not None:
-        summary["effective_bits"] = cfg.effective_bits(head_dim=head_dim, context=context)
+    if shape is not None:
+        summary["effective_bits"] = cfg.effective_bits(shape, context)
         summary["context"] = context
     if cfg.heads is not None:
         summary["heads_per_layer"] = len(cfg.heads[0])

@@ -12,7 +12,6 @@ so dequantization is within half a step of the input for every finite element.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -58,19 +57,30 @@ def _qmax(bits: int) -> int:
 
 
 def _quantize_groups(
-    x: torch.Tensor, dim: int, bits: int, symmetric: bool, dtype: torch.dtype
+    x: torch.Tensor,
+    dim: int,
+    bits: int,
+    symmetric: bool,
+    dtype: torch.dtype,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Float codes of float32 `x` with scale and zero over `dim` (kept), stored in `dtype`.
 
-    Few kernels on purpose: the cache quantizes one token per layer per decode step, where the
-    number of ops, not their size, is the cost. Non-finite inputs take a slower exact path.
+    Few kernels and no host synchronisation on purpose: the cache quantizes one token per layer
+    per decode step, where the number of ops, not their size, is the cost. Non-finite inputs
+    propagate as in a dense cache: a group holding NaN or inf gets a non-finite scale or zero, so
+    it dequantizes to non-finite values and attention over it is non-finite, as it would be over
+    the exact values. `valid` (bool, broadcastable to `x`) leaves elements out of the min and max
+    (padding); a group with no valid element gets the range [0, 0].
     """
-    lo, hi = torch.aminmax(x, dim=dim, keepdim=True)
+    if valid is None:
+        lo, hi = torch.aminmax(x, dim=dim, keepdim=True)
+    else:
+        lo = torch.where(valid, x, torch.inf).amin(dim, keepdim=True)
+        hi = torch.where(valid, x, -torch.inf).amax(dim, keepdim=True)
+        empty = lo > hi
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
     span = hi - lo
-    finite = math.isfinite(float(span.sum()))  # NaN or inf anywhere makes the sum non-finite
-    if not finite:
-        lo, hi = _finite_range(x, dim)
-        span = hi - lo
     if symmetric:
         scale = (torch.maximum(lo.abs(), hi.abs()) / ((1 << (bits - 1)) - 1)).to(dtype)
         zero = None
@@ -83,18 +93,8 @@ def _quantize_groups(
         codes = (x / safe).round_().add_(1 << (bits - 1))
     else:
         codes = (x - zero.float()).div_(safe).round_()
-    if not finite:
-        codes.nan_to_num_(nan=0.0)  # NaN becomes code 0; +-inf clamp to the ends of the range
-    return codes.clamp_(0, _qmax(bits)), scale, zero
-
-
-def _finite_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max over finite values only; an all-non-finite group gets the range [0, 0]."""
-    finite = torch.isfinite(x)
-    lo = torch.where(finite, x, torch.inf).amin(dim, keepdim=True)
-    hi = torch.where(finite, x, -torch.inf).amax(dim, keepdim=True)
-    empty = lo > hi
-    return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    # NaN codes (only in non-finite groups, whose scale or zero already carries it) become 0
+    return codes.nan_to_num_(nan=0.0).clamp_(0, _qmax(bits)), scale, zero
 
 
 @torch.no_grad()  # codes have no gradient; this also keeps the range check off the autograd graph
@@ -122,17 +122,25 @@ def quantize_per_token(
 
 @torch.no_grad()
 def quantize_per_channel(
-    x: torch.Tensor, bits: int, group_size: int, symmetric: bool = False
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    valid: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """Quantize `[..., seq, head_dim]` with one scale/zero per channel per block of `group_size` tokens.
 
-    `seq` must be a multiple of `group_size` (the cache quantizes whole blocks only).
+    `seq` must be a multiple of `group_size` (the cache quantizes whole blocks only). `valid`, bool
+    `[..., seq, 1]` (broadcastable), marks the tokens that count for a block's min and max (the
+    cache leaves left-padding out).
     """
     seq, head_dim = x.shape[-2], x.shape[-1]
     if seq % group_size:
         raise ValueError(f"seq {seq} must be a multiple of group_size {group_size}")
     x32 = x.float().reshape(*x.shape[:-2], seq // group_size, group_size, head_dim)
-    codes, scale, zero = _quantize_groups(x32, -2, bits, symmetric, x.dtype)
+    if valid is not None:
+        valid = valid.reshape(*valid.shape[:-2], seq // group_size, group_size, valid.shape[-1])
+    codes, scale, zero = _quantize_groups(x32, -2, bits, symmetric, x.dtype, valid)
     codes = codes.reshape(x.shape)
     return QuantizedTensor(
         packed=pack(codes, bits),
@@ -162,8 +170,12 @@ def dequantize_parts(
     group_size: int,
     per_channel: bool,
     dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dequantize from raw parts (see QuantizedTensor for the shapes) -> `[..., seq, head_dim]`.
+
+    `out`, when given, is written in place and returned (a `[..., seq, head_dim]` view, e.g. a
+    slice of a larger buffer along seq, so a caller can put other rows around it without a copy).
 
     This is the decode hot path, three kinds of pass, each a vectorized kernel on one dtype:
     every code plane of the packed bytes (see `packing`) is unpacked and converted straight into
@@ -171,14 +183,15 @@ def dequantize_parts(
     place by group (`code * scale + zero`). No float copy of the codes, no interleaving, no
     mixed-dtype arithmetic (which PyTorch runs element by element on CPU).
     """
-    dtype = dtype or scale.dtype
+    dtype = out.dtype if out is not None else dtype or scale.dtype
     scale = scale.to(dtype)
     if zero is None:  # symmetric: x = (code - 2**(bits-1)) * scale
         zero = scale * -float(1 << (bits - 1))
     else:
         zero = zero.to(dtype)
     seq, width = packed.shape[-2], packed.shape[-1]
-    out = torch.empty((*packed.shape[:-1], head_dim), dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty((*packed.shape[:-1], head_dim), dtype=dtype, device=packed.device)
     for index, plane in enumerate(unpack_planes(packed, bits)):
         lo = index * width
         hi = min(lo + width, head_dim)
@@ -204,11 +217,15 @@ def dequantize_reference(
     group_size: int,
     per_channel: bool,
     dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The plain path: unpack every code to float, then scale and shift by group.
 
     Same numbers as `dequantize_parts`, which the cache uses; kept for tests and as the spec.
     """
+    if out is not None:
+        args = (packed, scale, zero, bits, head_dim, group_size, per_channel, out.dtype)
+        return out.copy_(dequantize_reference(*args))
     dtype = dtype or scale.dtype
     codes = unpack(packed, bits, head_dim).to(dtype)
     if zero is None:

@@ -11,7 +11,9 @@ already stored: packed rows are concatenated.
 A layer holds its keys and values as `SeparateKV` (two stores, each its own bits and grouping) or,
 when both have the same bits and grouping, as `StackedKV`: one store of `[2, batch, ...]` tensors,
 so each decode step runs every quantize/dequantize kernel once for both (the number of small
-kernels, not their size, is what a one-token step costs on CPU).
+kernels, not their size, is what a one-token step costs on CPU). Both take and give keys and
+values stacked `[2, batch, kv_heads, n, head_dim]`, and `read` can write into a slice of the
+caller's output buffer.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ class RawStore:
     def seq_len(self) -> int:
         return 0 if self.data is None else self.data.shape[-2]
 
-    def append(self, x: torch.Tensor) -> None:
+    def append(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         self.data = cat_tokens(self.data, x)
 
-    def read(self, start: int = 0) -> torch.Tensor:
-        """Tokens `[start:]` as `[batch, kv_heads, n, head_dim]`."""
+    def read(self, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens `[start:]` as `[batch, kv_heads, n, head_dim]` (a view, or copied into `out`)."""
         assert self.data is not None
-        return self.data[..., start:, :]
+        return self.data[..., start:, :] if out is None else out.copy_(self.data[..., start:, :])
 
     def drop_front(self, n: int) -> None:
         if n and self.data is not None:
@@ -104,21 +106,18 @@ class _PackedStore:
 class TokenStore(_PackedStore):
     """Per-token quantized history: scale/zero `[b, h, n, head_dim / group_size]`."""
 
-    def __init__(self, bits: int, group_size: int | None = None) -> None:
+    def __init__(self, bits: int, group_size: int) -> None:
         super().__init__(bits)
         self.group_size = group_size
 
-    def append(self, x: torch.Tensor) -> None:
-        # a group wider than the head (KIVI's 32 on a 16-channel head) is one group per head
-        group = min(self.group_size or x.shape[-1], x.shape[-1])
-        if x.shape[-1] % group:
-            raise ValueError(f"group_size {group} must divide head_dim {x.shape[-1]}")
-        q = quantize_per_token(x, self.bits, group)
-        self.head_dim, self.group_size = q.head_dim, group
+    def append(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Append tokens `[b, h, n, head_dim]`; each token is its own group, so padding needs no mask."""
+        q = quantize_per_token(x, self.bits, self.group_size)
+        self.head_dim = q.head_dim
         self._extend(q.packed, q.scale, q.zero)
 
-    def read(self, start: int = 0) -> torch.Tensor:
-        """Tokens `[start:]`, dequantized: `[b, h, n - start, head_dim]`."""
+    def read(self, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens `[start:]`, dequantized: `[b, h, n - start, head_dim]` (into `out` if given)."""
         assert self.packed is not None and self.scale is not None
         return dequantize_parts(
             self.packed[..., start:, :],
@@ -126,8 +125,9 @@ class TokenStore(_PackedStore):
             None if self.zero is None else self.zero[..., start:, :],
             self.bits,
             self.head_dim,
-            self.group_size or self.head_dim,
+            self.group_size,
             per_channel=False,
+            out=out,
         )
 
 
@@ -138,18 +138,20 @@ class ChannelStore(_PackedStore):
         super().__init__(bits)
         self.block = block
 
-    def append(self, x: torch.Tensor) -> None:
-        """Append whole blocks: `x` is `[b, h, k * block, head_dim]`."""
-        q = quantize_per_channel(x, self.bits, self.block)
+    def append(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Append whole blocks: `x` is `[b, h, k * block, head_dim]`; `valid` (bool `[b, 1, k * block,
+        1]`) leaves padded tokens out of each block's min and max."""
+        q = quantize_per_channel(x, self.bits, self.block, valid=valid)
         self.head_dim = q.head_dim
         self._extend(q.packed, q.scale, q.zero)
 
-    def read(self, start: int = 0) -> torch.Tensor:
-        """Tokens `[start:]`, dequantized (from the block holding `start`)."""
+    def read(self, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens `[start:]`, dequantized from the block holding `start` (into `out` if given)."""
         assert self.packed is not None and self.scale is not None
         first_block = start // self.block
         token0 = first_block * self.block
-        out = dequantize_parts(
+        aligned = start == token0
+        blocks = dequantize_parts(
             self.packed[..., token0:, :],
             self.scale[..., first_block:, :],
             None if self.zero is None else self.zero[..., first_block:, :],
@@ -157,8 +159,13 @@ class ChannelStore(_PackedStore):
             self.head_dim,
             self.block,
             per_channel=True,
+            dtype=None if out is None else out.dtype,
+            out=out if aligned else None,
         )
-        return out[..., start - token0 :, :]
+        if aligned:
+            return blocks
+        tail = blocks[..., start - token0 :, :]
+        return tail if out is None else out.copy_(tail)
 
 
 Store = RawStore | TokenStore | ChannelStore
@@ -169,18 +176,23 @@ class SeparateKV:
 
     def __init__(self, keys: Store, values: Store) -> None:
         self.keys, self.values = keys, values
-        self.block = max(keys.block, values.block)
 
     @property
     def seq_len(self) -> int:
         return self.keys.seq_len
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys.append(keys)
-        self.values.append(values)
+    def append(self, states: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Append stacked `[2, b, h, n, head_dim]` keys and values (`valid`: see ChannelStore)."""
+        self.keys.append(states[0], valid)
+        self.values.append(states[1], valid)
 
-    def read(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys.read(start), self.values.read(start)
+    def read(self, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens `[start:]` of keys and values, stacked `[2, b, h, n, head_dim]` (into `out`)."""
+        if out is None:
+            return torch.stack((self.keys.read(start), self.values.read(start)))
+        self.keys.read(start, out[0])
+        self.values.read(start, out[1])
+        return out
 
     def drop_front(self, n: int) -> None:
         self.keys.drop_front(n)
@@ -199,18 +211,18 @@ class StackedKV:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.block = store.block
 
     @property
     def seq_len(self) -> int:
         return self.store.seq_len
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.store.append(torch.stack((keys, values)))
+    def append(self, states: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Append stacked `[2, b, h, n, head_dim]` keys and values (per token: no mask needed)."""
+        self.store.append(states)
 
-    def read(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        both = self.store.read(start)
-        return both[0], both[1]
+    def read(self, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens `[start:]` of keys and values, stacked `[2, b, h, n, head_dim]` (into `out`)."""
+        return self.store.read(start, out)
 
     def drop_front(self, n: int) -> None:
         self.store.drop_front(n)
@@ -223,21 +235,27 @@ class StackedKV:
 
 
 def make_kv_stores(
-    key_bits: int, value_bits: int, *, kivi: bool, group_size: int | None
+    key_bits: int, value_bits: int, *, kivi: bool, group_size: int, block_size: int
 ) -> SeparateKV | StackedKV:
-    """A layer's stores: per-channel KIVI keys or different bits keep two stores, else one stacked."""
+    """A layer's stores: per-channel KIVI keys or different bits keep two stores, else one stacked.
+
+    `group_size` is the channels per per-token group (a divisor of head_dim); `block_size` the
+    tokens per KIVI key block.
+    """
     if not kivi and key_bits == value_bits:
-        return StackedKV(make_store(key_bits, per_channel=False, group_size=group_size))
+        return StackedKV(make_store(key_bits, per_channel=False, group=group_size))
+    key_group = block_size if kivi else group_size
     return SeparateKV(
-        make_store(key_bits, per_channel=kivi, group_size=group_size),
-        make_store(value_bits, per_channel=False, group_size=group_size),
+        make_store(key_bits, per_channel=kivi, group=key_group),
+        make_store(value_bits, per_channel=False, group=group_size),
     )
 
 
-def make_store(bits: int, *, per_channel: bool, group_size: int | None) -> Store:
-    """The store for one tensor: raw at 16 bits, per-channel blocks for KIVI keys, else per token."""
+def make_store(bits: int, *, per_channel: bool, group: int) -> Store:
+    """The store for one tensor: raw at 16 bits, per-channel blocks of `group` tokens for KIVI keys,
+    else per-token groups of `group` channels."""
     if bits == 16:
         return RawStore()
     if per_channel:
-        return ChannelStore(bits, group_size or 32)
-    return TokenStore(bits, group_size)
+        return ChannelStore(bits, group)
+    return TokenStore(bits, group)

@@ -96,7 +96,7 @@ def run_search(
 
 def make_scorer(prep: PreparedSearch, quiet: bool = False) -> Scorer:
     """The objective of `prep` behind the once-per-config scorer (loads the model unless proxy)."""
-    scorer = Scorer(prep.problem, build_objective(prep, quiet), prep.model_name, prep.head_dim)
+    scorer = Scorer(prep.problem, build_objective(prep, quiet), prep.model_name, prep.shape)
     evaluator = getattr(scorer.objective, "evaluator", None)
     if evaluator is not None:
         evaluator.reference()

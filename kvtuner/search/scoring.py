@@ -38,7 +38,7 @@ class Scorer:
     problem: SearchProblem
     objective: Objective
     model: str
-    head_dim: int
+    shape: Any  # kvtuner.memory.ModelShape
 
     def config(self, choices: Choices) -> PrecisionConfig:
         space = self.problem.space
@@ -64,7 +64,7 @@ class Scorer:
             "layers": key,
             "worker": f"{socket.gethostname()}:{os.getpid()}",  # which process evaluated it
             "equivalent_bits": bits,
-            "effective_bits": config.effective_bits(self.head_dim, EFFECTIVE_BITS_CONTEXT),
+            "effective_bits": config.effective_bits(self.shape, EFFECTIVE_BITS_CONTEXT),
             "metrics": measurement.metrics,
         }
         return Score([float(measurement.loss), bits], bits - self.problem.cap, attrs)

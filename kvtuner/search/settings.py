@@ -136,6 +136,7 @@ class PreparedSearch:
     study_name: str
     signature: StudySignature
     loaded: Any = None
+    shape: Any = None  # kvtuner.memory.ModelShape
 
     @property
     def where(self) -> str:
@@ -158,6 +159,9 @@ def prepare(
         getattr(model_config, "head_dim", None)
         or model_config.hidden_size // model_config.num_attention_heads
     )
+    from kvtuner.compat import model_shape
+
+    shape = model_shape(model_config)
     scheme = settings.scheme or "per-token"
     if settings.space is not None:
         space_path = Path(settings.space)
@@ -214,6 +218,7 @@ def prepare(
         model_name=name,
         num_layers=num_layers,
         head_dim=head_dim,
+        shape=shape,
         scheme=scheme,
         space=space,
         space_path=space_path,

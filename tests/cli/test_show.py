@@ -32,8 +32,9 @@ def test_show_spec_with_model_json(capsys, tiny_folder):
     assert data["equivalent_bits"] == 4.0
     assert data["scheme"] == "per-token"
     assert data["layers"][3] == {"layer": 3, "key_bits": 4, "value_bits": 4}
-    # per-token KV4, head_dim 16: scale + zero at 16 bits per 16 values = 2 bits
-    assert data["effective_bits"] == pytest.approx(6.0)
+    # per-token KV4, head_dim 16: scale + zero at 16 bits per 16 values = 2 bits, and at 4096
+    # tokens the 4 sinks at 16 bits: (4092 * 6 + 4 * 16) / 4096
+    assert data["effective_bits"] == pytest.approx((4092 * 6 + 4 * 16) / 4096)
 
 
 def test_show_file_table(capsys, tmp_path):
@@ -127,7 +128,7 @@ BAD_FILES = {
         f"kvtuner: 1\nschema: kivi\nlayers:\n  0: {GOOD}\n",
         "schema: unknown field",
     ),
-    "newer-format": (f"kvtuner: 2\nlayers:\n  0: {GOOD}\n", "kvtuner: format version 2"),
+    "newer-format": (f"kvtuner: 3\nlayers:\n  0: {GOOD}\n", "kvtuner: format version 3"),
     "metadata-wrong-type": (
         f"kvtuner: 1\nmetadata: [1, 2]\nlayers:\n  0: {GOOD}\n",
         "metadata must be a mapping; got list",

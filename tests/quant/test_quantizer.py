@@ -75,19 +75,33 @@ def test_constant_groups_are_exact(per_channel):
     assert torch.equal(x, y)
 
 
-def test_nan_and_inf_do_not_spoil_finite_values():
+def test_non_finite_values_propagate_to_their_group_only():
+    """A dense cache turns a NaN or inf key into a NaN attention output; so does a quantized one:
+    the group holding it dequantizes to non-finite values, the other groups are untouched."""
     x = torch.randn(1, 1, 4, 16, generator=torch.Generator().manual_seed(7))
     x[0, 0, 1, 3] = float("nan")
     x[0, 0, 2, 5] = float("inf")
-    x[0, 0, 3, :] = float("-inf")
-    y = fake_quantize(x, 4)
-    finite = torch.isfinite(x)
-    assert not torch.isnan(y).any()
-    assert torch.isfinite(y[finite]).all()
-    clean_rows = [0]
-    assert torch.allclose(
-        y[0, 0, clean_rows], reference_per_token(x[0, 0, clean_rows], 4), atol=1e-5
-    )
+    x[0, 0, 3, 9] = float("-inf")
+    y = fake_quantize(x, 4, group_size=8)
+    for row, channel in ((1, 3), (2, 5), (3, 9)):
+        group = slice(channel // 8 * 8, channel // 8 * 8 + 8)
+        assert not torch.isfinite(y[0, 0, row, group]).any()
+        other = slice(8, 16) if channel < 8 else slice(0, 8)
+        alone = fake_quantize(x[0, 0, row : row + 1, other], 4)[0]
+        assert torch.allclose(y[0, 0, row, other], alone, atol=1e-6)
+    assert torch.equal(y[0, 0, 0], fake_quantize(x[0, 0, [0]], 4, group_size=8)[0])
+
+
+def test_padding_stays_out_of_per_channel_ranges():
+    x = torch.randn(2, 1, 8, 4, generator=torch.Generator().manual_seed(3))
+    x[0, :, :3] = 1000.0  # padded positions of row 0 hold garbage
+    valid = torch.ones(2, 1, 8, 1, dtype=torch.bool)
+    valid[0, :, :3] = False
+    q = quantize_per_channel(x, 4, 8, valid=valid)
+    y = q.dequantize()
+    alone = quantize_per_channel(x[0:1, :, 3:], 4, 5).dequantize()
+    assert torch.allclose(y[0, :, 3:], alone[0], atol=1e-5)
+    assert torch.equal(y[1], quantize_per_channel(x[1:2], 4, 8).dequantize()[0])
 
 
 def test_bfloat16_storage_and_nbytes():

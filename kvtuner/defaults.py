@@ -1,0 +1,58 @@
+"""Every default of the pipeline, in one place: the cache, calibration, pruning, search, evaluation.
+
+The CLI options, `make run` (scripts/run_main.py), scripts/reproduce.py and the README all read
+these, so a default is changed here and nowhere else. Why each value was chosen is in the README
+("Defaults"), with the measurement behind it.
+"""
+
+from __future__ import annotations
+
+# -- the cache ------------------------------------------------------------------------------------
+SCHEME = "per-token"
+GROUP_SIZE = 32  # channels per scale/zero (per-token K and V; KIVI V); at most head_dim
+KIVI_BLOCK_SIZE = 32  # KIVI: tokens per per-channel key block
+KIVI_RESIDUAL_LENGTH = 32  # KIVI: newest tokens kept in full precision
+SINK_TOKENS = 4  # first tokens of the sequence kept in full precision (attention sinks)
+QUANTIZE_PREFILL = False  # the prompt's own forward sees exact keys and values
+
+# -- calibration ----------------------------------------------------------------------------------
+CALIBRATION_SAMPLES = 8
+CALIBRATION_SEQ_LEN = 512
+QUERY_TOKENS = 64
+CANDIDATE_BITS = (2, 4, 8)
+# single-layer KL: samples of calibration text, each `context` tokens then one scored chunk
+LAYER_KL_SAMPLES = 16
+LAYER_KL_CONTINUATION = 32
+ADDITIVITY_CONFIGS = 20  # random configs whose joint KL checks that single-layer KLs add up
+
+# -- pruning and clustering -----------------------------------------------------------------------
+TOLERANCE = 0.0
+MAX_GROUPS = 6  # layer groups of `kvtuner prune` (a space of at most 5**6 = 15,625 configs)
+MIN_SAMPLES = 2
+
+# -- budgets --------------------------------------------------------------------------------------
+BUDGET = "effective"  # or "equivalent" (the paper's mean of (k + v) / 2)
+BUDGET_CONTEXT = 4096  # tokens at which effective bits are counted (batch 1)
+BUDGET_DTYPE_BITS = 16  # effective bits count scales and full-precision parts at 16 bits
+CAPS = (3.0, 3.5, 4.0, 6.0)
+
+# -- search ---------------------------------------------------------------------------------------
+TRIALS = 150
+POPULATION = 20
+SEARCH_SAMPLES = 4  # calibration-side samples a trial is scored on
+RESCORE_SAMPLES = 8  # more calibration-side samples for the best candidates of each cap
+RESCORE_TOP = 4  # candidates per cap re-scored before export
+
+# -- evaluation -----------------------------------------------------------------------------------
+EVAL_SAMPLES = 8
+EVAL_CONTEXT = 512  # at least; longer on models whose sliding windows it would not fill
+EVAL_CONTINUATION = 128
+EVAL_CHUNK = 32
+
+
+def eval_context(windows: tuple[int | None, ...] | list[int | None] = ()) -> int:
+    """Context tokens of an evaluation: `EVAL_CONTEXT`, or twice the widest sliding window when
+    that is longer, so sliding-window layers hold a full window as they do in long generations
+    (Gemma 3, window 512: 1024)."""
+    widest = max((w for w in windows if w is not None), default=0)
+    return max(EVAL_CONTEXT, 2 * widest)
