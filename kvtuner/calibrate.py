@@ -1,19 +1,22 @@
-"""Calibration: run a model over text samples, capture each layer's Q/K/V, measure per-pair errors.
+"""Calibration: how sensitive each layer's keys and values are, measured two ways.
 
-Queries, keys and values come from `kvtuner.capture` (inside attention itself, after RoPE); the
-same module gives `--end-to-end`, the KL of the model's next-token distribution when only one
-layer's KV is quantized.
+1. e_o (cheap, the paper's): capture each layer's Q/K/V inside attention (`kvtuner.capture`) and
+   measure the relative attention-output error of every candidate pair (`kvtuner.sensitivity`).
+2. Single-layer KL (end to end, `kvtuner.layer_kl`): for every layer and every pair that survives
+   Pareto pruning by e_o, the KL of the model's next-token distribution when only that layer is
+   quantized, with the real cache, on calibration-side text (never the held-out text). Then the
+   additivity check: the joint KL of random configs against the sum of their layers' KLs.
 
 Outputs, in `<out>/<model>/<scheme>/`: sensitivity.csv (layer, key_bits, value_bits,
-equivalent_bits, e_o, e_k, e_v), heatmap.png, metadata.yaml and, with `--end-to-end`,
-end_to_end.csv (layer, key_bits, value_bits, e_o, kl).
+equivalent_bits, e_o, e_k, e_v), heatmap.png, metadata.yaml and, with the single-layer KL,
+layer_kl.csv (layer, key_bits, value_bits, equivalent_bits, kl, kl_stderr, per_sample_kl),
+layer_kl.png and additivity.csv.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import torch
 import yaml
 
 from kvtuner import defaults
-from kvtuner.capture import capture_layers, single_layer_kl
+from kvtuner.capture import capture_layers
 from kvtuner.compat import text_config
 from kvtuner.errors import ConfigError
 from kvtuner.io import atomic_path
@@ -60,7 +63,11 @@ class CalibrationSettings:
     sink_tokens: int = defaults.SINK_TOKENS
     seed: int = 0
     text: str | None = None
-    end_to_end: bool = False
+    layer_kl: bool = True
+    layer_kl_samples: int = defaults.LAYER_KL_SAMPLES
+    layer_kl_context: int | None = None  # None: defaults.eval_context(the model's windows)
+    layer_kl_continuation: int = defaults.LAYER_KL_CONTINUATION
+    additivity: int = defaults.ADDITIVITY_CONFIGS
 
     def resolved(self) -> CalibrationSettings:
         """Fill the scheme's residual: KIVI 32 unless given; per-token none."""
@@ -125,10 +132,24 @@ def check_settings(settings: CalibrationSettings, model_config: Any) -> None:
         )
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (Pearson on average ranks; no scipy needed)."""
-    x, y = pd.Series(list(a), dtype=float), pd.Series(list(b), dtype=float)
-    return float(x.rank().corr(y.rank()))
+def layer_kl_context(settings: CalibrationSettings, model_config: Any) -> int:
+    """Context tokens of the single-layer KL samples (long enough to fill sliding windows)."""
+    from kvtuner.compat import sliding_windows
+
+    return settings.layer_kl_context or defaults.eval_context(sliding_windows(model_config))
+
+
+def layer_kl_samples(
+    tokenizer: Any, text: str, settings: CalibrationSettings, model_config: Any
+) -> torch.Tensor:
+    """The single-layer KL samples `[n, context + continuation]`: calibration windows 0..n-1."""
+    from kvtuner.data import calibration_windows
+
+    context = layer_kl_context(settings, model_config)
+    windows = calibration_windows(
+        tokenizer, text, context, skip=0, count=settings.layer_kl_samples, seed=settings.seed
+    )
+    return windows[:, : context + settings.layer_kl_continuation]
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -136,11 +157,12 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 @dataclass
 class CalibrationResult:
-    """The sensitivity table, its metadata and, with end-to-end, the single-layer KL table."""
+    """The e_o table, the single-layer KL and additivity tables (when measured), metadata."""
 
     table: pd.DataFrame
     metadata: dict[str, Any]
-    end_to_end: pd.DataFrame | None = None
+    layer_kl: pd.DataFrame | None = None
+    additivity: pd.DataFrame | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -150,9 +172,12 @@ def calibrate(
     settings: CalibrationSettings,
     *,
     model_name: str,
+    layer_samples: torch.Tensor | None = None,
     progress: bool = True,
 ) -> CalibrationResult:
-    """Capture, then the per-layer per-pair error table; plus single-layer KL when `end_to_end`."""
+    """e_o of every layer and pair on `samples` `[n, seq_len]`; with `layer_samples`
+    `[m, context + continuation]` (see `layer_kl_samples`), also the single-layer KL of every pair
+    that survives Pareto pruning by e_o, and the additivity check."""
     import transformers
 
     from kvtuner import __version__
@@ -173,9 +198,10 @@ def calibrate(
     seconds["sensitivity"] = time.perf_counter() - mark
     del captures
     parameter = next(model.parameters())
+    num_layers = int(text_config(model.config).num_hidden_layers)
     metadata: dict[str, Any] = {
         "model": model_name,
-        "num_layers": int(text_config(model.config).num_hidden_layers),
+        "num_layers": num_layers,
         "scheme": s.scheme,
         "group_size": s.group_size,
         "block_size": s.block_size,
@@ -191,27 +217,19 @@ def calibrate(
         "device": str(parameter.device),
         "dtype": str(parameter.dtype).removeprefix("torch."),
     }
-    end_to_end = None
-    if s.end_to_end:
+    kl_table = additive = None
+    if layer_samples is not None:
         mark = time.perf_counter()
-        low = PrecisionPair(min(s.bits), min(s.bits))
-        kl = single_layer_kl(
-            model, samples, low, scheme, query_tokens=s.query_tokens, progress=progress
+        kl_table, additive, summary = measure_layer_kl(
+            model, layer_samples, s, table, num_layers, progress
         )
-        seconds["end_to_end"] = time.perf_counter() - mark
-        rows = table[(table.key_bits == low.key_bits) & (table.value_bits == low.value_bits)]
-        end_to_end = pd.DataFrame(
-            {
-                "layer": rows.layer.to_numpy(),
-                "key_bits": low.key_bits,
-                "value_bits": low.value_bits,
-                "e_o": rows.e_o.to_numpy(),
-                "kl": kl,
-            }
-        )
-        metadata["end_to_end"] = {
-            "pair": low.name,
-            "spearman_e_o_kl": round(spearman(end_to_end.e_o, kl), 4),
+        seconds["layer_kl"] = time.perf_counter() - mark
+        metadata["layer_kl"] = {
+            "samples": int(layer_samples.shape[0]),
+            "context": int(layer_samples.shape[1]) - s.layer_kl_continuation,
+            "continuation": s.layer_kl_continuation,
+            "windows": f"calibration windows 0..{layer_samples.shape[0] - 1} (seed {s.seed})",
+            **summary,
         }
     seconds["total"] = time.perf_counter() - started
     metadata["seconds"] = round(seconds["total"], 1)
@@ -221,7 +239,53 @@ def calibrate(
         "torch": str(torch.__version__),
         "transformers": str(transformers.__version__),
     }
-    return CalibrationResult(table, metadata, end_to_end, seconds)
+    return CalibrationResult(table, metadata, kl_table, additive, seconds)
+
+
+def measure_layer_kl(
+    model: Any,
+    layer_samples: torch.Tensor,
+    s: CalibrationSettings,
+    table: pd.DataFrame,
+    num_layers: int,
+    progress: bool,
+) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, Any]]:
+    """Single-layer KL of the e_o-Pareto pairs, the additivity check, and their rank correlations."""
+    from kvtuner.config import PrecisionConfig
+    from kvtuner.evaluate import EvalProtocol, Evaluator
+    from kvtuner.layer_kl import additivity, layer_kl_table, losses, spearman
+    from kvtuner.prune import prune_table
+
+    continuation = s.layer_kl_continuation
+    context = int(layer_samples.shape[1]) - continuation
+    protocol = EvalProtocol(context, continuation, continuation)
+    evaluator = Evaluator(model, layer_samples, protocol, progress=progress)
+    base = PrecisionConfig.uniform(
+        "fp16",
+        num_layers,
+        scheme=s.scheme,
+        group_size=s.group_size,
+        block_size=s.block_size,
+        residual_length=s.residual_length,
+        sink_tokens=s.sink_tokens,
+    )
+    candidates = prune_table(table)
+    kl_table = layer_kl_table(evaluator, base, candidates, progress=progress)
+    merged = kl_table.merge(table, on=["layer", "key_bits", "value_bits"])
+    summary: dict[str, Any] = {"spearman_e_o_kl": round(spearman(merged.e_o, merged.kl), 4)}
+    additive = None
+    if s.additivity > 1:
+        additive = additivity(
+            evaluator,
+            base,
+            losses(kl_table, num_layers),
+            s.additivity,
+            seed=s.seed,
+            progress=progress,
+        )
+        summary["additivity_configs"] = len(additive)
+        summary["spearman_summed_joint"] = round(spearman(additive.summed_kl, additive.joint_kl), 4)
+    return kl_table, additive, summary
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -233,15 +297,19 @@ def output_folder(out: str | Path, model_name: str, scheme: str) -> Path:
 
 
 def write_outputs(result: CalibrationResult, folder: str | Path) -> dict[str, Path]:
-    """Write sensitivity.csv, heatmap.png, metadata.yaml (+ end_to_end.csv); all or none renamed in."""
+    """Write sensitivity.csv, heatmap.png, metadata.yaml (+ layer_kl.csv, layer_kl.png,
+    additivity.csv); all or none renamed in."""
     folder = Path(folder)
     paths = {
         "sensitivity": folder / "sensitivity.csv",
         "heatmap": folder / "heatmap.png",
         "metadata": folder / "metadata.yaml",
     }
-    if result.end_to_end is not None:
-        paths["end_to_end"] = folder / "end_to_end.csv"
+    if result.layer_kl is not None:
+        paths["layer_kl"] = folder / "layer_kl.csv"
+        paths["layer_kl_heatmap"] = folder / "layer_kl.png"
+    if result.additivity is not None:
+        paths["additivity"] = folder / "additivity.csv"
     # every file goes to a temporary name first; the renames happen only once all were written
     with contextlib.ExitStack() as stack:
         tmp = {name: stack.enter_context(atomic_path(path)) for name, path in paths.items()}
@@ -252,9 +320,32 @@ def write_outputs(result: CalibrationResult, folder: str | Path) -> dict[str, Pa
             title=f"{result.metadata['model']} {result.metadata['scheme']}",
         )
         tmp["metadata"].write_text(yaml.safe_dump(result.metadata, sort_keys=False))
-        if result.end_to_end is not None:
-            result.end_to_end.to_csv(tmp["end_to_end"], index=False, float_format="%.6g")
+        title = f"{result.metadata['model']} {result.metadata['scheme']}"
+        if result.layer_kl is not None:
+            result.layer_kl.to_csv(tmp["layer_kl"], index=False, float_format="%.6g")
+            plot_heatmap(result.layer_kl, tmp["layer_kl_heatmap"], title=title, value="kl")
+        if result.additivity is not None:
+            result.additivity.to_csv(tmp["additivity"], index=False, float_format="%.6g")
     return paths
+
+
+def load_layer_kl(folder: str | Path, num_layers: int) -> pd.DataFrame | None:
+    """layer_kl.csv of a calibration folder (None when it was not measured); ConfigError if malformed."""
+    path = Path(folder) / "layer_kl.csv"
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a CSV table ({str(exc).splitlines()[0]})") from None
+    needed = ("layer", "key_bits", "value_bits", "kl")
+    missing = [c for c in needed if c not in table.columns]
+    if missing or table.empty or table[list(needed)].isna().any().any():
+        raise ConfigError(f"{path}: needs non-empty columns {', '.join(needed)}")
+    layers = sorted(int(x) for x in table.layer.unique())
+    if layers != list(range(num_layers)):
+        raise ConfigError(f"{path}: has layers {layers[0]}..{layers[-1]}, the model {num_layers}")
+    return table.astype({"layer": int, "key_bits": int, "value_bits": int, "kl": float})
 
 
 def load_sensitivity(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -290,3 +381,19 @@ def load_sensitivity(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         {"layer": int, "key_bits": int, "value_bits": int, "equivalent_bits": float}
     )
     return table, metadata
+
+
+def base_config(metadata: dict[str, Any]) -> Any:
+    """A PrecisionConfig at 16 bits in the layout a calibration measured (from its metadata)."""
+    from kvtuner.config import PrecisionConfig
+
+    return PrecisionConfig.uniform(
+        "fp16",
+        int(metadata["num_layers"]),
+        scheme=metadata.get("scheme", defaults.SCHEME),
+        group_size=metadata.get("group_size", defaults.GROUP_SIZE),
+        block_size=metadata.get("block_size") or defaults.KIVI_BLOCK_SIZE,
+        residual_length=metadata.get("residual_length"),
+        sink_tokens=metadata.get("sink_tokens", defaults.SINK_TOKENS),
+        model=metadata.get("model"),
+    )

@@ -1,9 +1,8 @@
 """Capture inside attention: each layer's queries, keys and values as attention receives them.
 
 A custom entry of transformers' `AttentionInterface` records its inputs (after RoPE and q/k norms,
-with the scaling, sliding window and soft-capping the model passes) and then runs SDPA. The same
-entry can replace one layer's keys and values by their quantized versions: `single_layer_kl`, the
-KL of the model's next-token distribution when only one layer's KV is quantized.
+with the scaling, sliding window and soft-capping the model passes) and then runs SDPA (or the same
+math in float32 for soft-capped models). Hooks may also return an output of their own.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ from tqdm.auto import tqdm
 
 from kvtuner.compat import text_config
 from kvtuner.errors import ConfigError
-from kvtuner.precision import PrecisionPair
-from kvtuner.sensitivity import LayerCapture, QuantScheme, attend, attention_probs
+from kvtuner.sensitivity import LayerCapture, attend, attention_probs
 
 IMPLEMENTATION = "kvtuner_capture"
 # hook(module, query, key, value, kwargs) -> attention output `[batch, seq, heads, head_dim]` or None
@@ -136,64 +134,3 @@ def capture_layers(
         scaling, window, softcap = options[layer]
         captures.append(LayerCapture(layer, q, k, v, scaling, window, softcap))
     return captures
-
-
-# -- end to end -------------------------------------------------------------------------------
-
-
-def single_layer_kl(
-    model: Any,
-    samples: torch.Tensor,
-    pair: PrecisionPair,
-    scheme: QuantScheme,
-    *,
-    query_tokens: int = 64,
-    progress: bool = True,
-) -> list[float]:
-    """Per layer: mean KL(full || only that layer's KV at `pair`) of the next-token distributions.
-
-    The KL is over the last `query_tokens` positions of every sample `[n, seq]`, summed over the
-    vocabulary and averaged over positions. Costs (layers + 1) forward passes per sample.
-    """
-    num_layers = int(text_config(model.config).num_hidden_layers)
-    device = next(model.parameters()).device
-    totals = [0.0] * num_layers
-    target = {"layer": -1}
-
-    def substitute(module, query, key, value, kwargs):
-        if _layer_index(module) != target["layer"]:
-            return None
-        seq = key.shape[-2]
-        stored = scheme.stored_mask(
-            torch.arange(seq - query.shape[-2], seq, device=key.device), seq
-        )
-        out = _attention_math(
-            query,
-            key,
-            value,
-            kwargs,
-            key_hat=scheme.quantize(key, pair.key_bits, is_key=True),
-            value_hat=scheme.quantize(value, pair.value_bits, is_key=False),
-            stored=stored,
-        )
-        return out.transpose(1, 2).to(query.dtype).contiguous()
-
-    def log_probs(ids: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=ids, use_cache=False, logits_to_keep=query_tokens).logits
-        return torch.log_softmax(logits[:, -query_tokens:].float(), dim=-1)
-
-    bar = tqdm(
-        total=len(samples) * num_layers, desc="end-to-end KL", unit="pass", disable=not progress
-    )
-    with torch.inference_mode(), attention_hook(model, substitute), bar:
-        for sample in samples:
-            ids = sample[None].to(device)
-            target["layer"] = -1
-            reference = log_probs(ids)
-            for layer in range(num_layers):
-                target["layer"] = layer
-                quantized = log_probs(ids)
-                kl = (reference.exp() * (reference - quantized)).sum(-1).mean()
-                totals[layer] += float(kl) / len(samples)
-                bar.update()
-    return totals

@@ -90,13 +90,16 @@ def special_prefix(tokenizer: Any) -> list[int]:
 
 
 def token_samples(
-    tokenizer: Any, text: str, num_samples: int, seq_len: int, seed: int = 0
+    tokenizer: Any, text: str, num_samples: int, seq_len: int, seed: int = 0, skip: int = 0
 ) -> torch.LongTensor:
     """`num_samples` non-overlapping windows of `text`, each `seq_len` tokens: LongTensor `[n, seq_len]`.
 
     The text is tokenized once and cut into consecutive windows; `seed` picks which windows, in a
-    reproducible order. Each sample starts with the tokenizer's own prefix (e.g. `<bos>`), as a
-    model's input would, so a window holds `seq_len - len(prefix)` text tokens.
+    reproducible order, and `skip` leaves out the first ones of that order: calls with the same
+    seed and length and disjoint `[skip, skip + num_samples)` ranges get disjoint windows (the
+    calibration's single-layer KL, the search and its re-scoring each have their own). Each sample
+    starts with the tokenizer's own prefix (e.g. `<bos>`), as a model's input would, so a window
+    holds `seq_len - len(prefix)` text tokens.
     """
     if num_samples < 1:
         raise ConfigError(f"--samples must be at least 1; got {num_samples}")
@@ -108,16 +111,32 @@ def token_samples(
         raise ConfigError("the text is empty: nothing to cut samples from")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     available = len(ids) // body
-    if available < num_samples:
+    if available < skip + num_samples:
         raise ConfigError(
-            f"the text has {len(ids)} tokens: too short for {num_samples} samples of {seq_len} "
-            f"tokens (needs {num_samples * body}); pass a longer --text or lower --samples/--seq-len"
+            f"the text has {len(ids)} tokens: too short for {skip + num_samples} samples of "
+            f"{seq_len} tokens (needs {(skip + num_samples) * body}); pass a longer --text or "
+            "lower --samples/--seq-len"
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randperm(available, generator=generator)[:num_samples] * body
+    starts = torch.randperm(available, generator=generator)[skip : skip + num_samples] * body
     tokens = torch.tensor(ids, dtype=torch.long)
     windows = torch.stack([tokens[s : s + body] for s in starts.tolist()])
     if prefix:
         head = torch.tensor(prefix, dtype=torch.long).expand(num_samples, -1)
         windows = torch.cat([head, windows], dim=1)
     return windows
+
+
+def calibration_windows(
+    tokenizer: Any, text: str, context: int, *, skip: int, count: int, seed: int = 0
+) -> torch.LongTensor:
+    """Calibration-side evaluation samples `[count, context + defaults.SEARCH_CONTINUATION]`.
+
+    One window length and one order for every calibration-side use, so that their windows never
+    overlap: the single-layer KL takes windows 0..15, the search's trials the next ones, and its
+    re-scoring the ones after (each truncates the windows to its own continuation).
+    """
+    from kvtuner import defaults
+
+    seq_len = context + defaults.SEARCH_CONTINUATION
+    return token_samples(tokenizer, text, count, seq_len, seed, skip=skip)

@@ -27,8 +27,8 @@ ADDITIVITY_CONFIGS = 20  # random configs whose joint KL checks that single-laye
 
 # -- pruning and clustering -----------------------------------------------------------------------
 TOLERANCE = 0.0
-MAX_GROUPS = 6  # layer groups of `kvtuner prune` (a space of at most 5**6 = 15,625 configs)
-MIN_SAMPLES = 2
+MAX_SPACE_SIZE = 100_000  # `kvtuner prune`: the most layer groups whose space stays under this
+MIN_SAMPLES = 2  # DBSCAN, when `--eps` asks for the paper's clustering
 
 # -- budgets --------------------------------------------------------------------------------------
 BUDGET = "effective"  # or "equivalent" (the paper's mean of (k + v) / 2)
@@ -40,6 +40,7 @@ CAPS = (3.0, 3.5, 4.0, 6.0)
 TRIALS = 150
 POPULATION = 20
 SEARCH_SAMPLES = 4  # calibration-side samples a trial is scored on
+SEARCH_CONTINUATION = 64  # scored tokens per search sample (two chunks)
 RESCORE_SAMPLES = 8  # more calibration-side samples for the best candidates of each cap
 RESCORE_TOP = 4  # candidates per cap re-scored before export
 

@@ -1,13 +1,20 @@
 """Quality of a precision config measured with the real quantized cache: KL, perplexity, accuracy.
 
 Protocol for `kl` and `ppl`. A sample is `context + continuation` tokens. The first `context - 1`
-tokens go into a fresh `KVTunerCache` in one forward (quantized at prefill); then the tokens from
-`context - 1` on are fed in chunks of `chunk`, so every scored position attends to quantized history
-(one forward over the whole text would leave the prompt unquantized and measure nothing). The
+tokens go into a fresh cache in one forward (the prefill); then the tokens from `context - 1` on
+are fed in chunks of `chunk`, so every scored position attends to the quantized history (one
+forward over the whole text would leave the prompt unquantized and measure nothing). The
 `continuation` scored distributions predict tokens `context .. context + continuation - 1`.
 The full-precision reference runs the same chunks through a dense `DynamicCache`, once per sample
 (kept in memory, optionally on disk). Results keep one value per sample, so configs can be compared
 paired on the same samples.
+
+Replay. A prefill that attends to its own exact keys and values (the default of KVTunerCache, and
+what DynamicCache and transformers' QuantizedCache do) computes the same keys and values whatever
+the cache will store. So the reference's prefill records them once per batch, and every evaluated
+cache is filled from the recording through its own `update`, exactly as its prefill forward would
+have done, before the chunks run: an evaluation costs the chunks only. Caches built with
+`quantize_prefill=True` run the whole protocol.
 
 `accuracy`: exact match of the final number of a greedy answer on GSM8K-style {question, answer}.
 """
@@ -18,7 +25,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -28,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvtuner.compat import with_cache
+from kvtuner import defaults
+from kvtuner.compat import text_config, with_cache
 from kvtuner.config import PrecisionConfig
 from kvtuner.errors import ConfigError
 from kvtuner.io import atomic_path
@@ -38,9 +46,9 @@ from kvtuner.io import atomic_path
 class EvalProtocol:
     """Token counts of one sample: `context` tokens of history, `continuation` scored, fed `chunk` at a time."""
 
-    context: int = 512
-    continuation: int = 64
-    chunk: int = 32
+    context: int = defaults.EVAL_CONTEXT
+    continuation: int = defaults.EVAL_CONTINUATION
+    chunk: int = defaults.EVAL_CHUNK
 
     def __post_init__(self) -> None:
         for name in ("context", "continuation", "chunk"):
@@ -68,12 +76,7 @@ class EvalResult:
     @property
     def kl_stderr(self) -> float:
         """Standard error of the mean KL over samples (0 for a single sample)."""
-        n = len(self.per_sample_kl)
-        if n < 2:
-            return 0.0
-        mean = sum(self.per_sample_kl) / n
-        var = sum((x - mean) ** 2 for x in self.per_sample_kl) / (n - 1)
-        return math.sqrt(var / n)
+        return stderr(self.per_sample_kl)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +89,34 @@ class EvalResult:
         }
 
 
+def stderr(values: Sequence[float]) -> float:
+    """Standard error of the mean of `values` (0 for fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1) / n)
+
+
+def prefill(model: Any, input_ids: torch.Tensor, cache: Any) -> None:
+    """The prefill forward of the protocol: all but the last context token into `cache`."""
+    # prefill logits are never scored: keep one position to skip the large vocabulary projection
+    model(**with_cache(model, cache, input_ids=input_ids, use_cache=True, logits_to_keep=1))
+
+
+def chunk_logits(
+    model: Any, input_ids: torch.Tensor, cache: Any, protocol: EvalProtocol
+) -> torch.Tensor:
+    """float32 logits `[batch, continuation, vocab]` of the scored chunks, after the prefill."""
+    context, end = protocol.context, protocol.seq_len
+    chunks = []
+    for start in range(context - 1, end - 1, protocol.chunk):
+        ids = input_ids[:, start : min(start + protocol.chunk, end - 1)]
+        out = model(**with_cache(model, cache, input_ids=ids, use_cache=True))
+        chunks.append(out.logits.float())
+    return torch.cat(chunks, dim=1)
+
+
 def continuation_logits(
     model: Any, input_ids: torch.Tensor, cache: Any, protocol: EvalProtocol
 ) -> torch.Tensor:
@@ -94,19 +125,36 @@ def continuation_logits(
     `input_ids` is `[batch, context + continuation]`; returns float32 `[batch, continuation, vocab]`
     (position i predicts token `context + i`).
     """
-    context, end = protocol.context, protocol.seq_len
-    # prefill logits are never scored: keep one position to skip the large vocabulary projection
-    model(
-        **with_cache(
-            model, cache, input_ids=input_ids[:, : context - 1], use_cache=True, logits_to_keep=1
-        )
+    prefill(model, input_ids[:, : protocol.context - 1], cache)
+    return chunk_logits(model, input_ids, cache, protocol)
+
+
+class RecordingCache(DynamicCache):
+    """A DynamicCache that also keeps the keys and values each layer was given at its first update
+    (the prefill's, whole, before any sliding window drops them)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.recorded.setdefault(layer_idx, (key_states, value_states))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def replay(cache: Any, recorded: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """Fill a fresh `cache` with recorded prefill keys and values through its own `update`."""
+    for layer in sorted(recorded):
+        keys, values = recorded[layer]
+        cache.update(keys, values, layer)
+    return cache
+
+
+def replayable(cache: Any) -> bool:
+    """Whether `cache`'s prefill attends to exact keys and values (see the module doc)."""
+    return not any(
+        getattr(layer, "quantize_prefill", False) for layer in getattr(cache, "layers", ())
     )
-    chunks = []
-    for start in range(context - 1, end - 1, protocol.chunk):
-        ids = input_ids[:, start : min(start + protocol.chunk, end - 1)]
-        out = model(**with_cache(model, cache, input_ids=ids, use_cache=True))
-        chunks.append(out.logits.float())
-    return torch.cat(chunks, dim=1)
 
 
 def _token_stats(
@@ -119,12 +167,16 @@ def _token_stats(
     return kl.clamp_min(0).mean().item(), nll.mean().item()
 
 
+CacheFactory = Callable[[], Any]
+
+
 class Evaluator:
-    """KL and perplexity of configs on fixed samples, against full-precision logits computed once.
+    """KL and perplexity of caches on fixed samples, against full-precision logits computed once.
 
     `samples` is a LongTensor `[n, context + continuation]` (see `eval_samples`), run
     `batch_size` at a time (one cache per batch). `reference_dir` keeps the reference
-    log-probabilities on disk (`<hash>.pt`) for later processes to reuse.
+    log-probabilities on disk (`<hash>.pt`) for later processes to reuse. `evaluate(config)` scores
+    a precision config; `evaluate_cache(factory)` any transformers Cache (a peer's).
     """
 
     def __init__(
@@ -134,7 +186,7 @@ class Evaluator:
         protocol: EvalProtocol = EvalProtocol(),
         *,
         reference_dir: str | Path | None = None,
-        batch_size: int = 4,
+        batch_size: int = 8,
         progress: bool = False,
     ) -> None:
         if samples.ndim != 2 or samples.shape[1] != protocol.seq_len:
@@ -150,11 +202,15 @@ class Evaluator:
         self.batch_size = max(1, batch_size)
         self.progress = progress
         self._reference: torch.Tensor | None = None
+        self._recorded: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @property
     def targets(self) -> torch.Tensor:
         """Scored tokens `[n, continuation]`."""
         return self.samples[:, self.protocol.context :]
+
+    def batches(self) -> list[torch.Tensor]:
+        return list(self.samples.split(self.batch_size))
 
     @torch.inference_mode()
     def reference(self) -> torch.Tensor:
@@ -165,12 +221,15 @@ class Evaluator:
         if path is not None and path.is_file():
             self._reference = torch.load(path, map_location=self.device)
             return self._reference
-        batches = self.samples.split(self.batch_size)
         rows = []
-        for batch in tqdm(batches, desc="reference", disable=not self.progress, leave=False):
-            cache = DynamicCache(config=self.model.config)
-            logits = continuation_logits(self.model, batch, cache, self.protocol)
-            rows.append(torch.log_softmax(logits, dim=-1))
+        self._recorded = []
+        for batch in tqdm(self.batches(), desc="reference", disable=not self.progress, leave=False):
+            cache = RecordingCache(config=self.model.config)
+            prefill(self.model, batch[:, : self.protocol.context - 1], cache)
+            self._recorded.append(cache.recorded)
+            rows.append(
+                torch.log_softmax(chunk_logits(self.model, batch, cache, self.protocol), -1)
+            )
         self._reference = torch.cat(rows)
         if path is not None:
             with atomic_path(path) as tmp:
@@ -178,33 +237,60 @@ class Evaluator:
         return self._reference
 
     @torch.inference_mode()
-    def evaluate(self, config: PrecisionConfig | str) -> EvalResult:
+    def recorded(self, batch_index: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Prefill keys and values of batch `batch_index`, per layer (recorded once)."""
+        if self._recorded is None:  # the reference came from disk: record the prefills alone
+            self._recorded = []
+            for batch in self.batches():
+                cache = RecordingCache(config=self.model.config)
+                prefill(self.model, batch[:, : self.protocol.context - 1], cache)
+                self._recorded.append(cache.recorded)
+        return self._recorded[batch_index]
+
+    def evaluate(
+        self, config: PrecisionConfig | str, *, quantize_prefill: bool = defaults.QUANTIZE_PREFILL
+    ) -> EvalResult:
         """Mean KL, perplexity and per-sample values of `config` (a PrecisionConfig, path or spec)."""
         from kvtuner.cache import quantized_cache
 
+        return self.evaluate_cache(
+            lambda: quantized_cache(self.model, config, quantize_prefill=quantize_prefill)
+        )
+
+    @torch.inference_mode()
+    def evaluate_cache(self, make_cache: CacheFactory) -> EvalResult:
+        """Mean KL, perplexity and per-sample values of the caches `make_cache()` builds."""
         reference = self.reference()
         kls, nlls = [], []
-        for start in range(0, len(self.samples), self.batch_size):
-            batch = self.samples[start : start + self.batch_size]
-            logits = continuation_logits(
-                self.model, batch, quantized_cache(self.model, config), self.protocol
-            )
+        start = 0
+        for index, batch in enumerate(self.batches()):
+            cache = make_cache()
+            if replayable(cache):
+                replay(cache, self.recorded(index))
+                logits = chunk_logits(self.model, batch, cache, self.protocol)
+            else:
+                logits = continuation_logits(self.model, batch, cache, self.protocol)
             for j in range(len(batch)):
                 kl, nll = _token_stats(reference[start + j], logits[j], self.targets[start + j])
                 kls.append(kl)
                 nlls.append(nll)
-        ref_nll = [
-            -reference[i].gather(-1, self.targets[i][:, None]).mean().item()
-            for i in range(len(kls))
-        ]
+            start += len(batch)
         return EvalResult(
             kl=sum(kls) / len(kls),
             ppl=math.exp(sum(nlls) / len(nlls)),
-            reference_ppl=math.exp(sum(ref_nll) / len(ref_nll)),
+            reference_ppl=self.reference_perplexity(),
             tokens=len(kls) * self.protocol.continuation,
             per_sample_kl=tuple(kls),
             per_sample_nll=tuple(nlls),
         )
+
+    def reference_perplexity(self) -> float:
+        """Perplexity of the full-precision model on the scored tokens."""
+        reference, targets = self.reference(), self.targets
+        nll = [
+            -reference[i].gather(-1, targets[i][:, None]).mean().item() for i in range(len(targets))
+        ]
+        return math.exp(sum(nll) / len(nll))
 
     def _reference_path(self) -> Path | None:
         if self.reference_dir is None:
@@ -217,10 +303,18 @@ class Evaluator:
         return self.reference_dir / f"reference-{digest.hexdigest()[:16]}.pt"
 
 
+def protocol_for(model_config: Any, context: int | None = None) -> EvalProtocol:
+    """The default protocol for a model: its context fills the sliding windows (see defaults)."""
+    from kvtuner.compat import sliding_windows
+
+    windows = sliding_windows(text_config(model_config))
+    return EvalProtocol(context or defaults.eval_context(windows))
+
+
 def eval_samples(
     tokenizer: Any,
     text: str | None = None,
-    num_samples: int = 6,
+    num_samples: int = defaults.EVAL_SAMPLES,
     protocol: EvalProtocol = EvalProtocol(),
     seed: int = 0,
 ) -> torch.Tensor:

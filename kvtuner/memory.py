@@ -156,6 +156,27 @@ def layer_costs(
     ]
 
 
+BUDGETS = ("effective", "equivalent")
+
+
+def budget_costs(
+    candidates: Sequence[Sequence[PrecisionPair]],
+    layout: Layout,
+    shape: ModelShape,
+    *,
+    budget: str = "effective",
+    context: int = 4096,
+    dtype_bits: int = 16,
+) -> list[dict[PrecisionPair, float]]:
+    """Per layer, what each candidate adds to the budget: effective bits at `context`
+    (`layer_costs`) or the paper's equivalent bits ((k + v) / 2 over the layer count)."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}; got {budget!r}")
+    if budget == "effective":
+        return layer_costs(candidates, layout, shape, context, dtype_bits)
+    return [{p: p.equivalent_bits / len(candidates) for p in pairs} for pairs in candidates]
+
+
 def effective_bits(
     pairs: Sequence[PrecisionPair],
     layout: Layout,

@@ -167,8 +167,17 @@ def _save(fig, path: str | Path) -> Path:
 # -- calibration and search -------------------------------------------------------------------
 
 
-def plot_heatmap(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Layers x pairs heatmap of e_o on a log colour scale, each cell annotated."""
+HEATMAP_LABELS = {
+    "e_o": "relative attention-output error e_o",
+    "kl": "single-layer KL (nats/token)",
+}
+
+
+def plot_heatmap(
+    table: pd.DataFrame, path: str | Path, title: str = "", value: str = "e_o"
+) -> None:
+    """Layers x pairs heatmap of `value` (e_o, or single-layer kl) on a log colour scale, each
+    cell annotated; pairs a layer was not measured at stay blank."""
     plt = _pyplot()
     from matplotlib.colors import LogNorm
 
@@ -176,7 +185,7 @@ def plot_heatmap(table: pd.DataFrame, path: str | Path, title: str = "") -> None
         {PrecisionPair(int(k), int(v)) for k, v in zip(table.key_bits, table.value_bits)},
         key=lambda p: (-p.equivalent_bits, -p.key_bits),
     )
-    grid = e_o_grid(table, pairs)
+    grid = e_o_grid(table, pairs, value)
     positive = grid[grid > 0]
     low, high = (positive.min(), positive.max()) if positive.size else (1e-6, 1.0)
     fig, ax = plt.subplots(figsize=(1.5 + 0.75 * len(pairs), 1.2 + 0.3 * grid.shape[0]))
@@ -186,24 +195,27 @@ def plot_heatmap(table: pd.DataFrame, path: str | Path, title: str = "") -> None
         cmap="viridis",
         norm=LogNorm(vmin=low, vmax=max(high, low * 1.01)),
     )
-    for (row, col), value in pd.DataFrame(grid).stack().items():
-        colour = "white" if value < (low * high) ** 0.5 else "black"
-        ax.text(col, row, f"{value:.2g}", ha="center", va="center", fontsize=6, color=colour)
+    for (row, col), cell in pd.DataFrame(grid).stack().items():
+        if not cell == cell:  # NaN: not measured
+            continue
+        colour = "white" if cell < (low * high) ** 0.5 else "black"
+        ax.text(col, row, f"{cell:.2g}", ha="center", va="center", fontsize=6, color=colour)
     ax.set_xticks(range(len(pairs)), [p.name for p in pairs])
     ax.set_yticks(range(grid.shape[0]), [str(layer) for layer in sorted(table.layer.unique())])
     ax.set_xlabel("precision pair")
     ax.set_ylabel("layer")
-    ax.set_title(f"{title}: relative attention-output error e_o".strip(": "), fontsize=9)
-    fig.colorbar(image, ax=ax, label="e_o")
+    ax.set_title(f"{title}: {HEATMAP_LABELS.get(value, value)}".strip(": "), fontsize=9)
+    fig.colorbar(image, ax=ax, label=value)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def e_o_grid(table: pd.DataFrame, pairs: Sequence[PrecisionPair]) -> Any:
-    """numpy `[layers, pairs]` of e_o, layers ascending, columns in the order of `pairs`."""
-    wide = table.pivot(index="layer", columns=["key_bits", "value_bits"], values="e_o")
-    return wide[[(p.key_bits, p.value_bits) for p in pairs]].to_numpy()
+def e_o_grid(table: pd.DataFrame, pairs: Sequence[PrecisionPair], value: str = "e_o") -> Any:
+    """numpy `[layers, pairs]` of `value`, layers ascending, columns in the order of `pairs`
+    (NaN where a layer has no row for a pair)."""
+    wide = table.pivot(index="layer", columns=["key_bits", "value_bits"], values=value)
+    return wide[[(p.key_bits, p.value_bits) for p in pairs]].to_numpy(dtype=float)
 
 
 LOSS_LABELS = {

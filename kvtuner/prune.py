@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
 
+from kvtuner.pareto import pareto_front
 from kvtuner.precision import PrecisionPair
 
 
@@ -30,13 +32,20 @@ def pareto_pairs(
     """The pairs of `errors` ({pair: e_o}) no other pair dominates, most bits first."""
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0; got {tolerance}")
-    points = {pair: (pair.equivalent_bits, err) for pair, err in errors.items()}
-    kept = [
-        pair
-        for pair, point in points.items()
-        if not any(dominates(other, point, tolerance) for o, other in points.items() if o != pair)
-    ]
-    return tuple(sorted(kept, key=lambda p: (-p.equivalent_bits, -p.key_bits)))
+    pairs = list(errors)
+    points = np.array([[p.equivalent_bits, errors[p]] for p in pairs], dtype=float)
+    front = [pairs[i] for i in pareto_front(points)]
+    if tolerance > 0:  # a cheaper pair within the relative margin dominates too
+        front = [
+            p
+            for p in front
+            if not any(
+                dominates((q.equivalent_bits, errors[q]), (p.equivalent_bits, errors[p]), tolerance)
+                for q in front
+                if q != p
+            )
+        ]
+    return tuple(sorted(front, key=lambda p: (-p.equivalent_bits, -p.key_bits)))
 
 
 def prune_table(

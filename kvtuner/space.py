@@ -1,6 +1,8 @@
 """SearchSpace: groups of layers that share one precision pair, each with its candidate pairs.
 
-Written by `kvtuner prune` as `space.yaml`, read by `kvtuner search`.
+Written by `kvtuner prune` as `space.yaml` (the paper's grouped space), read by `kvtuner search
+--space groups`. A space of one group per layer (`SearchSpace.per_layer`) is the default search's.
+It also carries the cache layout its configs are stored in.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from kvtuner import defaults
 from kvtuner.errors import ConfigError
 from kvtuner.io import atomic_write_text
 from kvtuner.precision import PrecisionPair, parse_pair
@@ -34,8 +37,10 @@ class SearchSpace:
     scheme: str
     num_layers: int
     groups: tuple[LayerGroup, ...]
-    group_size: int | None = None
+    group_size: int | None = defaults.GROUP_SIZE
     residual_length: int = 0
+    block_size: int = defaults.KIVI_BLOCK_SIZE
+    sink_tokens: int = defaults.SINK_TOKENS
     unpruned_candidates: int = 9
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -48,6 +53,23 @@ class SearchSpace:
         for i, group in enumerate(self.groups):
             if not group.candidates:
                 raise ConfigError(f"search space group {i} has no candidate pairs")
+
+    @classmethod
+    def per_layer(cls, candidates: Sequence[Sequence[PrecisionPair]], **fields: Any) -> SearchSpace:
+        """One group per layer, layer i taking `candidates[i]`."""
+        groups = tuple(LayerGroup((i,), tuple(c)) for i, c in enumerate(candidates))
+        return cls(num_layers=len(groups), groups=groups, **fields)
+
+    @property
+    def layout_fields(self) -> dict[str, Any]:
+        """The PrecisionConfig fields of this space's cache layout."""
+        return {
+            "scheme": self.scheme,
+            "group_size": self.group_size,
+            "residual_length": self.residual_length,
+            "block_size": self.block_size,
+            "sink_tokens": self.sink_tokens,
+        }
 
     @property
     def size(self) -> int:
@@ -79,7 +101,9 @@ class SearchSpace:
             "scheme": self.scheme,
             "num_layers": self.num_layers,
             "group_size": self.group_size,
+            "block_size": self.block_size,
             "residual_length": self.residual_length,
+            "sink_tokens": self.sink_tokens,
             "unpruned_candidates": self.unpruned_candidates,
             "size": self.size,
             "log10_size": round(self.log10_size, 4),
@@ -119,8 +143,10 @@ class SearchSpace:
                 scheme=str(data.get("scheme", "per-token")),
                 num_layers=int(data["num_layers"]),
                 groups=groups,
-                group_size=data.get("group_size"),
+                group_size=data.get("group_size", defaults.GROUP_SIZE),
                 residual_length=int(data.get("residual_length") or 0),
+                block_size=int(data.get("block_size") or defaults.KIVI_BLOCK_SIZE),
+                sink_tokens=int(data.get("sink_tokens", defaults.SINK_TOKENS)),
                 unpruned_candidates=int(data.get("unpruned_candidates", 9)),
                 metadata=dict(data.get("metadata") or {}),
             )

@@ -1,4 +1,4 @@
-"""Capture inside attention, single-layer KL, the calibration run and its files (tiny models)."""
+"""Capture inside attention, the calibration run (e_o and single-layer KL) and its files (tiny models)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,12 @@ from kvtuner.calibrate import (
     check_settings,
     load_sensitivity,
     parse_bits,
-    spearman,
     write_outputs,
 )
-from kvtuner.capture import attention_hook, capture_layers, single_layer_kl
+from kvtuner.capture import attention_hook, capture_layers
 from kvtuner.errors import ConfigError
 from kvtuner.precision import Layout, PrecisionPair
-from kvtuner.sensitivity import COLUMNS, LayerCapture, QuantScheme, attention_output
+from kvtuner.sensitivity import COLUMNS, LayerCapture, attention_output
 
 
 def gemma_with_scalar(scalar: int = 64):
@@ -95,25 +94,6 @@ def test_capture_leaves_outputs_and_implementation_unchanged():
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_single_layer_kl_zero_at_16_bits_positive_at_2():
-    model = build_tiny_model("gemma3")
-    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(3))
-    full = single_layer_kl(
-        model, ids, PrecisionPair(16, 16), QuantScheme(Layout("per-token")), query_tokens=8, progress=False
-    )
-    assert len(full) == 4 and max(full) < 1e-6  # float rounding of SDPA vs the same math
-    low = single_layer_kl(
-        model, ids, PrecisionPair(2, 2), QuantScheme(Layout("kivi", 8, 8, 8, 0)), query_tokens=8, progress=False
-    )
-    assert min(low) > 1e-6
-
-
-def test_spearman_known_answers():
-    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
-
-
 def test_parse_bits():
     assert parse_bits("8,2,4") == (2, 4, 8)
     assert parse_bits("4, 16") == (4, 16)
@@ -147,8 +127,11 @@ def test_settings_resolve_scheme_defaults():
 def tiny_result():
     model = build_tiny_model("llama")
     ids = torch.randint(3, 128, (4, 96), generator=torch.Generator().manual_seed(4))
-    settings = CalibrationSettings(samples=4, seq_len=96, query_tokens=16, end_to_end=True)
-    return calibrate(model, ids, settings, model_name="tiny-llama", progress=False)
+    layer_ids = torch.randint(3, 128, (3, 72), generator=torch.Generator().manual_seed(5))
+    settings = CalibrationSettings(samples=4, seq_len=96, query_tokens=16, additivity=5)
+    return calibrate(
+        model, ids, settings, model_name="tiny-llama", layer_samples=layer_ids, progress=False
+    )
 
 
 def test_calibrate_table_and_metadata(tiny_result):
@@ -172,14 +155,30 @@ def test_calibrate_table_and_metadata(tiny_result):
         assert key in meta
     assert meta["model"] == "tiny-llama" and meta["num_layers"] == 4
     assert set(meta["versions"]) == {"kvtuner", "torch", "transformers"}
-    e2e = tiny_result.end_to_end
-    assert e2e.layer.tolist() == [0, 1, 2, 3] and (e2e.kl > 0).all()
-    assert -1.0 <= meta["end_to_end"]["spearman_e_o_kl"] <= 1.0
+    kl = tiny_result.layer_kl
+    assert sorted(kl.layer.unique()) == [0, 1, 2, 3] and (kl.kl > 0).all()
+    # only pairs on the e_o Pareto front of their layer are probed
+    from kvtuner.prune import prune_table
+
+    pruned = prune_table(tiny_result.table)
+    for layer, rows in kl.groupby("layer"):
+        probed = {PrecisionPair(int(k), int(v)) for k, v in zip(rows.key_bits, rows.value_bits)}
+        assert probed == set(pruned[layer])
+    assert meta["layer_kl"]["samples"] == 3 and meta["layer_kl"]["context"] == 40
+    assert -1.0 <= meta["layer_kl"]["spearman_e_o_kl"] <= 1.0
+    assert len(tiny_result.additivity) == 5
 
 
 def test_write_outputs_round_trip(tiny_result, tmp_path):
     paths = write_outputs(tiny_result, tmp_path / "tiny-llama" / "per-token")
-    assert set(paths) == {"sensitivity", "heatmap", "metadata", "end_to_end"}
+    assert set(paths) == {
+        "sensitivity",
+        "heatmap",
+        "metadata",
+        "layer_kl",
+        "layer_kl_heatmap",
+        "additivity",
+    }
     assert paths["heatmap"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table, meta = load_sensitivity(paths["sensitivity"])
     pd.testing.assert_frame_equal(table, tiny_result.table, rtol=1e-5)

@@ -13,7 +13,9 @@ from kvtuner.cluster import (
     candidate_sets,
     cluster_layers,
     dbscan_labels,
-    eps_for_max_groups,
+    groups_for_count,
+    groups_for_size,
+    profiles,
 )
 from kvtuner.errors import ConfigError
 from kvtuner.precision import candidate_pairs
@@ -52,6 +54,13 @@ def test_dbscan_noise_becomes_singletons():
     assert len(set(strict)) == 4 and strict[3] != strict[4]
 
 
+def test_profiles_are_log10_e_o():
+    table = synthetic_table([1.0, 10.0])
+    pairs = prune_table(table)[0]
+    vectors = profiles(table, [0, 1], pairs)
+    assert np.allclose(vectors[1] - vectors[0], 1.0)  # ten times the error: one unit apart
+
+
 def test_clusters_match_the_synthetic_profiles():
     # three families: scale ~1 (layers 0, 1, 4), ~2 (layers 2, 5), and layer 3 alone at 5
     table = synthetic_table([1.0, 1.01, 2.0, 5.0, 0.99, 2.01])
@@ -69,19 +78,28 @@ def test_layers_with_different_candidate_sets_never_share_a_group():
     assert len(groups[1].candidates) == 6
 
 
-def test_max_groups_is_respected_with_the_smallest_eps():
+def test_single_linkage_cuts_at_the_asked_number_of_groups():
     scales = [1.0, 1.05, 1.3, 1.8, 2.6, 3.9, 5.5, 8.0]
     table = synthetic_table(scales)
     pruned = prune_table(table)
+    previous = None
     for k in range(1, len(scales) + 1):
-        eps = eps_for_max_groups(table, pruned, k)
-        assert len(cluster_layers(table, pruned, eps)) <= k
-        # any smaller eps gives more than k groups (or eps is already the smallest possible)
-        if eps > 1e-9:
-            assert len(cluster_layers(table, pruned, eps * 0.999)) > k
-    assert len(
-        cluster_layers(table, pruned, eps_for_max_groups(table, pruned, len(scales)))
-    ) == len(scales)
+        groups, distance = groups_for_count(table, pruned, k)
+        assert len(groups) == k
+        # single linkage on a line of log scales: groups are runs of neighbouring scales
+        assert all(g.layers == tuple(range(g.layers[0], g.layers[-1] + 1)) for g in groups)
+        if previous is not None:
+            assert distance <= previous + 1e-12  # more groups, a lower cut
+        previous = distance
+
+
+def test_max_size_takes_the_most_groups_that_fit():
+    table = synthetic_table([1.0, 1.05, 1.3, 1.8, 2.6, 3.9, 5.5, 8.0])
+    pruned = prune_table(table)
+    groups, _ = groups_for_size(table, pruned, 5**3)
+    assert len(groups) == 3  # 5 candidates a group: 125 configs; 4 groups would be 625
+    groups, _ = groups_for_size(table, pruned, 10**9)
+    assert len(groups) == 8
 
 
 def test_max_groups_below_the_number_of_candidate_sets_is_an_error():
@@ -89,7 +107,9 @@ def test_max_groups_below_the_number_of_candidate_sets_is_an_error():
     with pytest.raises(
         ConfigError, match="--max-groups 1: the layers have 2 different pruned candidate sets"
     ):
-        eps_for_max_groups(table, prune_table(table), 1)
+        groups_for_count(table, prune_table(table), 1)
+    with pytest.raises(ConfigError, match="--max-size 10: even one group per candidate set"):
+        groups_for_size(table, prune_table(table), 10)
 
 
 def test_build_search_space_sizes_and_round_trip(tmp_path):
@@ -101,10 +121,11 @@ def test_build_search_space_sizes_and_round_trip(tmp_path):
     assert space.log10_unpruned_size == pytest.approx(6 * math.log10(9))
     assert space.metadata["unpruned_size"] == 9**6
     assert space.metadata["pruned_size"] == 5**5 * 6
-    assert space.metadata["eps_chosen_for_max_groups"] == 3
-    assert result.eps == pytest.approx(space.metadata["eps"], rel=1e-5)
+    assert space.metadata["clustering"] == "max_groups" and result.how == "max_groups"
     loaded = SearchSpace.load(space.save(tmp_path / "space.yaml"))
     assert loaded == space
+    default = build_search_space(table, model="synthetic", num_layers=6)
+    assert default.how == "max_size" and default.space.size <= 100_000
 
 
 def test_bad_clustering_arguments():
@@ -113,5 +134,7 @@ def test_bad_clustering_arguments():
         build_search_space(table, model="m", num_layers=2, eps=0.0)
     with pytest.raises(ConfigError, match="--max-groups"):
         build_search_space(table, model="m", num_layers=2, max_groups=0)
+    with pytest.raises(ConfigError, match="--max-size"):
+        build_search_space(table, model="m", num_layers=2, max_size=0)
     with pytest.raises(ConfigError, match="--tolerance"):
         build_search_space(table, model="m", num_layers=2, tolerance=-1.0)

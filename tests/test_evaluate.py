@@ -72,6 +72,48 @@ def test_the_history_is_quantized(model, samples):
     assert (dense[0, 0] - quant[0, 0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
+def test_replayed_prefill_gives_what_the_whole_protocol_gives(arch, scheme):
+    """Filling the cache from the recorded prefill is the prefill forward's own storage."""
+    from kvtuner.cache import quantized_cache
+    from kvtuner.config import PrecisionConfig
+    from kvtuner.precision import PrecisionPair
+
+    model = build_tiny_model(arch)
+    protocol = EvalProtocol(context=70, continuation=12, chunk=5)  # past the windows of 24
+    ids = torch.randint(3, 128, (3, protocol.seq_len), generator=torch.Generator().manual_seed(2))
+    evaluator = Evaluator(model, ids, protocol, batch_size=2)
+    pairs = (PrecisionPair(8, 4), PrecisionPair(2, 2), PrecisionPair(16, 16), PrecisionPair(4, 2))
+    config = PrecisionConfig(layers=pairs, scheme=scheme, block_size=8, residual_length=8)
+    replayed = evaluator.evaluate(config)
+    whole = []
+    for batch in ids.split(2):
+        with torch.no_grad():
+            logits = continuation_logits(model, batch, quantized_cache(model, config), protocol)
+        whole.append(logits)
+    whole = torch.cat(whole)
+    reference = evaluator.reference()
+    expected = [
+        (reference[i].exp() * (reference[i] - torch.log_softmax(whole[i], -1))).sum(-1).mean()
+        for i in range(3)
+    ]
+    assert replayed.per_sample_kl == pytest.approx([float(x) for x in expected], abs=1e-6)
+    assert replayed.kl > 1e-6  # quantization did act
+
+
+def test_any_cache_can_be_evaluated_and_quantized_prefill_runs_the_whole_protocol(evaluator, model):
+    from kvtuner.cache import quantized_cache
+
+    dense = evaluator.evaluate_cache(lambda: DynamicCache(config=model.config))
+    assert dense.kl < 1e-6
+    exact = evaluator.evaluate("KV2")
+    pessimistic = evaluator.evaluate("KV2", quantize_prefill=True)
+    assert pessimistic.kl > exact.kl
+    manual = evaluator.evaluate_cache(lambda: quantized_cache(model, "KV2", quantize_prefill=True))
+    assert manual.per_sample_kl == pessimistic.per_sample_kl
+
+
 def test_reference_is_computed_once_and_kept_on_disk(model, samples, tmp_path):
     first = Evaluator(model, samples, PROTOCOL, reference_dir=tmp_path)
     ref = first.reference()

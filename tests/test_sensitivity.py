@@ -114,10 +114,7 @@ def test_e_o_is_zero_at_16_bits():
 def test_per_token_errors_match_direct_computation():
     capture = random_capture()
     pairs = candidate_pairs((2, 4, 8))
-    rows = {
-        (r["key_bits"], r["value_bits"]): r
-        for r in layer_errors(capture, pairs, PER_TOKEN)
-    }
+    rows = {(r["key_bits"], r["value_bits"]): r for r in layer_errors(capture, pairs, PER_TOKEN)}
     assert len(rows) == 9
     for pair in pairs:
         k_hat = fake_quantize(capture.key, pair.key_bits)

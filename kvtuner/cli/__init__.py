@@ -17,7 +17,17 @@ import typer
 from kvtuner.cli.app import app
 from kvtuner.errors import KVTunerError
 
-COMMAND_MODULES = ("show", "generate", "bench", "eval", "calibrate", "prune", "search", "export")
+COMMAND_MODULES = (
+    "show",
+    "generate",
+    "bench",
+    "eval",
+    "calibrate",
+    "prune",
+    "allocate",
+    "search",
+    "export",
+)
 
 
 def _register_commands() -> None:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from kvtuner import defaults
 from kvtuner.cli.app import app
 from kvtuner.cli.common import (
     DEFAULT_MODEL,
@@ -24,7 +25,7 @@ from kvtuner.cli.common import (
 @app.command()
 def calibrate(
     model: ModelOption = DEFAULT_MODEL,
-    scheme: SchemeOption = "per-token",
+    scheme: SchemeOption = defaults.SCHEME,
     text: Annotated[
         Path | None,
         typer.Option(
@@ -32,39 +33,69 @@ def calibrate(
             help="Calibration text: plain text, or JSONL with a 'text' field (default: pydoc_data.topics).",
         ),
     ] = None,
-    samples: Annotated[int, typer.Option("--samples", help="Number of text samples.")] = 8,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sample.")] = 512,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="Text samples for e_o.")
+    ] = defaults.CALIBRATION_SAMPLES,
+    seq_len: Annotated[
+        int, typer.Option("--seq-len", min=2, help="Tokens per e_o sample.")
+    ] = defaults.CALIBRATION_SEQ_LEN,
     query_tokens: Annotated[
         int,
         typer.Option(
             "--query-tokens",
+            min=1,
             help="Queries from the last N positions of each sample (the decoding side).",
         ),
-    ] = 64,
+    ] = defaults.QUERY_TOKENS,
     bits: Annotated[
         str, typer.Option("--bits", help="Bit widths of the candidate pairs, from 2, 4, 8, 16.")
-    ] = "2,4,8",
+    ] = ",".join(str(b) for b in defaults.CANDIDATE_BITS),
     group_size: Annotated[
-        int | None,
+        int,
         typer.Option(
-            "--group-size", help="Quantization group (default: head_dim per-token, 32 kivi)."
+            "--group-size",
+            min=0,
+            help="Channels per scale and zero point (0: one group per head).",
         ),
-    ] = None,
+    ] = defaults.GROUP_SIZE,
+    block_size: Annotated[
+        int, typer.Option("--block-size", min=1, help="KIVI: tokens per key block.")
+    ] = defaults.KIVI_BLOCK_SIZE,
     residual_length: Annotated[
         int | None,
         typer.Option(
             "--residual-length",
-            help="KIVI full-precision residual tokens (default 32; per-token: 0).",
+            min=0,
+            help=f"KIVI full-precision residual tokens (default {defaults.KIVI_RESIDUAL_LENGTH}).",
         ),
     ] = None,
+    sink_tokens: Annotated[
+        int,
+        typer.Option("--sink-tokens", min=0, help="First tokens kept in full precision."),
+    ] = defaults.SINK_TOKENS,
     seed: SeedOption = 0,
-    end_to_end: Annotated[
+    layer_kl: Annotated[
         bool,
         typer.Option(
-            "--end-to-end",
-            help="Also the KL of the output with only one layer's KV at the lowest pair.",
+            "--layer-kl/--no-layer-kl",
+            help="Also the single-layer KL of every Pareto pair, and the additivity check.",
         ),
-    ] = False,
+    ] = True,
+    layer_kl_samples: Annotated[
+        int, typer.Option("--layer-kl-samples", min=1, help="Samples of the single-layer KL.")
+    ] = defaults.LAYER_KL_SAMPLES,
+    layer_kl_context: Annotated[
+        int | None,
+        typer.Option(
+            "--layer-kl-context",
+            min=2,
+            help="Context tokens of those samples (default: 512, or twice the widest window).",
+        ),
+    ] = None,
+    additivity: Annotated[
+        int,
+        typer.Option("--additivity", min=0, help="Random configs of the additivity check."),
+    ] = defaults.ADDITIVITY_CONFIGS,
     out: Annotated[
         Path, typer.Option("--out", help="Root folder; files go to <out>/<model>/<scheme>/.")
     ] = Path("calibration"),
@@ -72,7 +103,8 @@ def calibrate(
     dtype: DtypeOption = None,
     json: JsonOption = False,
 ) -> None:
-    """Measure each layer's attention-output error e_o for every candidate (key bits, value bits) pair."""
+    """Measure each layer's sensitivity: e_o for every (key bits, value bits) pair, and the
+    end-to-end KL of quantizing each layer alone at its Pareto pairs."""
     from kvtuner.calibrate import (
         CalibrationSettings,
         calibrate,
@@ -80,6 +112,9 @@ def calibrate(
         output_folder,
         parse_bits,
         write_outputs,
+    )
+    from kvtuner.calibrate import (
+        layer_kl_samples as make_layer_samples,
     )
     from kvtuner.data import calibration_text, token_samples
     from kvtuner.models import load_model, load_model_config
@@ -90,11 +125,16 @@ def calibrate(
         samples=samples,
         seq_len=seq_len,
         query_tokens=query_tokens,
-        group_size=group_size,
+        group_size=group_size or None,
+        block_size=block_size,
         residual_length=residual_length,
+        sink_tokens=sink_tokens,
         seed=seed,
         text=str(text) if text is not None else None,
-        end_to_end=end_to_end,
+        layer_kl=layer_kl,
+        layer_kl_samples=layer_kl_samples,
+        layer_kl_context=layer_kl_context,
+        additivity=additivity,
     )
     corpus = calibration_text(text)
     if not corpus.strip():
@@ -105,7 +145,17 @@ def calibrate(
     info(f"loading {model} ...", json)
     loaded = load_model(model, device=device, dtype=dtype)
     tokens = token_samples(loaded.tokenizer, corpus, samples, seq_len, seed=seed)
-    result = calibrate(loaded.model, tokens, settings, model_name=loaded.name, progress=not json)
+    layer_samples = None
+    if layer_kl:
+        layer_samples = make_layer_samples(loaded.tokenizer, corpus, settings, loaded.model.config)
+    result = calibrate(
+        loaded.model,
+        tokens,
+        settings,
+        model_name=loaded.name,
+        layer_samples=layer_samples,
+        progress=not json,
+    )
     paths = write_outputs(result, output_folder(out, loaded.name, settings.scheme))
     summary = summarize(result, paths)
     if json:
@@ -139,17 +189,25 @@ def summarize(result: Any, paths: dict[str, Path]) -> dict[str, Any]:
         "e_o": e_o,
         "files": {name: str(path) for name, path in paths.items()},
     }
-    if result.end_to_end is not None:
-        summary["end_to_end"] = {
-            **meta["end_to_end"],
-            "kl": [round(float(x), 6) for x in result.end_to_end.kl],
+    if result.layer_kl is not None:
+        by_pair = result.layer_kl.groupby(["key_bits", "value_bits"], sort=False).kl
+        summary["layer_kl"] = {
+            **meta["layer_kl"],
+            "kl": {
+                _pair_name(k, v): {
+                    "min": float(x.min()),
+                    "median": float(x.median()),
+                    "max": float(x.max()),
+                }
+                for (k, v), x in by_pair
+            },
         }
     return summary
 
 
 def render(summary: dict[str, Any]) -> str:
     """Readable summary: e_o over layers per pair, time, files, the end-to-end rank check."""
-    group = summary["group_size"] if summary["group_size"] is not None else "head_dim"
+    group = summary["group_size"] if summary["group_size"] is not None else "one per head"
     lines = [
         f"{summary['model']} {summary['scheme']} (group {group}, residual {summary['residual_length']}): "
         f"{summary['num_layers']} layers, {summary['samples']} samples x {summary['seq_len']} tokens, "
@@ -159,14 +217,26 @@ def render(summary: dict[str, Any]) -> str:
     ]
     for name, stats in summary["e_o"].items():
         lines.append(f"{name:<6} {stats['min']:>8.4f} {stats['median']:>8.4f} {stats['max']:>8.4f}")
-    if "end_to_end" in summary:
-        e2e = summary["end_to_end"]
+    if "layer_kl" in summary:
+        kl = summary["layer_kl"]
         lines += [
             "",
-            f"end to end: single-layer {e2e['pair']} KL per layer: "
-            + " ".join(f"{x:.3g}" for x in e2e["kl"]),
-            f"Spearman(e_o, KL) over layers = {e2e['spearman_e_o_kl']:.3f}",
+            f"single-layer KL ({kl['samples']} samples x {kl['continuation']} scored tokens after "
+            f"{kl['context']}):",
+            "pair     KL min   median      max   (over layers)",
         ]
+        for name, stats in kl["kl"].items():
+            lines.append(
+                f"{name:<6} {stats['min']:>8.2g} {stats['median']:>8.2g} {stats['max']:>8.2g}"
+            )
+        lines.append(
+            f"Spearman(e_o, single-layer KL) over layers and pairs = {kl['spearman_e_o_kl']:.3f}"
+        )
+        if "spearman_summed_joint" in kl:
+            lines.append(
+                f"additivity: Spearman(summed single-layer KL, joint KL) over "
+                f"{kl['additivity_configs']} random configs = {kl['spearman_summed_joint']:.3f}"
+            )
     lines += ["", *(f"wrote {path}" for path in summary["files"].values())]
     return "\n".join(lines)
 

@@ -48,6 +48,25 @@ ChunkOption = Annotated[int, typer.Option("--chunk", help="Scored tokens fed per
 MaxNewTokensOption = Annotated[
     int, typer.Option("--max-new-tokens", help="Answer length for --tasks (accuracy).")
 ]
+CapsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--max-bits",
+        help="Bit cap(s), repeated or comma-separated (default 3.0 3.5 4.0 6.0), on --budget bits.",
+    ),
+]
+BudgetOption = Annotated[
+    str,
+    typer.Option(
+        "--budget",
+        help="Caps on effective bits (what the cache holds at --context tokens) or equivalent "
+        "bits (the paper's mean of (k + v) / 2).",
+    ),
+]
+BudgetContextOption = Annotated[
+    int,
+    typer.Option("--context", min=1, help="Tokens at which effective bits are counted."),
+]
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON object and nothing else on stdout.")
 ]
@@ -71,3 +90,32 @@ def info(message: str, quiet: bool = False) -> None:
     """Human-readable progress line on stderr (stdout stays clean for --json)."""
     if not quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+def parse_caps(values: list[str] | None) -> tuple[float, ...]:
+    """`["3", "3.5,4"]` -> (3.0, 3.5, 4.0); None -> the default caps."""
+    from kvtuner import defaults
+    from kvtuner.errors import ConfigError
+
+    if not values:
+        return defaults.CAPS
+    caps = []
+    for value in values:
+        for part in str(value).split(","):
+            try:
+                caps.append(float(part))
+            except ValueError:
+                raise ConfigError(f"--max-bits: '{part}' is not a number") from None
+    if any(cap <= 0 for cap in caps):
+        raise ConfigError(f"--max-bits must be positive numbers; got {caps}")
+    return tuple(sorted(set(caps)))
+
+
+def check_budget(budget: str) -> str:
+    """`budget` if it is effective or equivalent, else a ConfigError naming --budget."""
+    from kvtuner.errors import ConfigError
+    from kvtuner.memory import BUDGETS
+
+    if budget not in BUDGETS:
+        raise ConfigError(f"--budget must be one of {', '.join(BUDGETS)}; got '{budget}'")
+    return budget

@@ -8,15 +8,15 @@ from typing import Annotated
 import typer
 
 from kvtuner.cli.app import app
-from kvtuner.cli.common import DEFAULT_MODEL, JsonOption, ModelOption, emit_json
-from kvtuner.cli.search import (
+from kvtuner.cli.common import (
+    DEFAULT_MODEL,
     CapsOption,
-    StorageOption,
-    StudyOption,
-    export_summary,
+    JsonOption,
+    ModelOption,
+    emit_json,
     parse_caps,
-    render,
 )
+from kvtuner.cli.search import StorageOption, StudyOption, export_summary, render
 from kvtuner.errors import ConfigError
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from kvtuner import defaults
 from kvtuner.cli.app import app
 from kvtuner.cli.common import DEFAULT_MODEL, JsonOption, emit_json
 from kvtuner.errors import ConfigError
@@ -36,19 +37,36 @@ def prune(
     tolerance: Annotated[
         float,
         typer.Option(
-            "--tolerance", help="Relative e_o margin: drop a pair when a cheaper one is within it."
+            "--tolerance",
+            min=0.0,
+            help="Relative e_o margin: drop a pair when a cheaper one is within it.",
         ),
-    ] = 0.0,
-    eps: Annotated[
-        float, typer.Option("--eps", help="DBSCAN radius on the layers' e_o vectors.")
-    ] = 0.05,
-    min_samples: Annotated[int, typer.Option("--min-samples", help="DBSCAN min_samples.")] = 2,
+    ] = defaults.TOLERANCE,
+    max_size: Annotated[
+        int,
+        typer.Option(
+            "--max-size",
+            min=1,
+            help="The most layer groups whose space holds at most this many configs (default).",
+        ),
+    ] = defaults.MAX_SPACE_SIZE,
     max_groups: Annotated[
         int | None,
         typer.Option(
-            "--max-groups", help="Pick the smallest eps giving at most K groups (overrides --eps)."
+            "--max-groups", min=1, help="At most K groups instead (single linkage on log10 e_o)."
         ),
     ] = None,
+    eps: Annotated[
+        float | None,
+        typer.Option(
+            "--eps",
+            min=0.0,
+            help="The paper's DBSCAN with this radius on log10 e_o profiles instead.",
+        ),
+    ] = None,
+    min_samples: Annotated[
+        int, typer.Option("--min-samples", min=1, help="DBSCAN min_samples (with --eps).")
+    ] = defaults.MIN_SAMPLES,
     out: Annotated[
         Path, typer.Option("--out", help="Root folder; space.yaml goes to <out>/<model>/<scheme>/.")
     ] = Path("calibration"),
@@ -78,12 +96,12 @@ def prune(
         model=meta["model"],
         num_layers=int(meta["num_layers"]),
         scheme=meta.get("scheme", "per-token"),
-        group_size=meta.get("group_size"),
-        residual_length=int(meta.get("residual_length") or 0),
+        layout=meta,
         tolerance=tolerance,
         eps=eps,
         min_samples=min_samples,
         max_groups=max_groups,
+        max_size=max_size,
         metadata={"sensitivity": str(sensitivity)},
     )
     path = result.space.save(
@@ -105,8 +123,11 @@ def summarize(result: Any, path: Path) -> dict[str, Any]:
         "scheme": space.scheme,
         "num_layers": space.num_layers,
         "tolerance": meta["tolerance"],
-        "eps": result.eps,
-        "eps_chosen_for_max_groups": meta["eps_chosen_for_max_groups"],
+        "clustering": result.how,
+        "eps": meta["eps"],
+        "max_groups": meta["max_groups"],
+        "max_size": meta["max_size"],
+        "distance": result.distance,
         "min_samples": meta["min_samples"],
         "groups": [
             {"layers": list(g.layers), "candidates": [p.name for p in g.candidates]}
@@ -124,13 +145,16 @@ def summarize(result: Any, path: Path) -> dict[str, Any]:
 
 def render(summary: dict[str, Any]) -> str:
     """Readable summary: one line per group, then the space before -> after."""
-    if summary["eps_chosen_for_max_groups"] is not None:
-        how = f"chosen for --max-groups {summary['eps_chosen_for_max_groups']}"
+    cut = f"single linkage on log10 e_o, cut at distance {summary['distance']:.3g}"
+    if summary["clustering"] == "max_size":
+        how = f"the most groups whose space holds at most {summary['max_size']:,} configs ({cut})"
+    elif summary["clustering"] == "max_groups":
+        how = f"at most --max-groups {summary['max_groups']} ({cut})"
     else:
-        how = "from --eps"
+        how = f"DBSCAN with --eps {summary['eps']:g} on log10 e_o, min_samples {summary['min_samples']}"
     lines = [
-        f"{summary['model']} {summary['scheme']}: {summary['num_layers']} layers -> {len(summary['groups'])} groups "
-        f"(eps {summary['eps']:.4g} {how}, min_samples {summary['min_samples']}, tolerance {summary['tolerance']:g})",
+        f"{summary['model']} {summary['scheme']}: {summary['num_layers']} layers -> "
+        f"{len(summary['groups'])} groups: {how}; tolerance {summary['tolerance']:g}",
         "",
     ]
     for i, group in enumerate(summary["groups"]):

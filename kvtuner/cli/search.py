@@ -11,6 +11,7 @@ import typer
 from kvtuner.cli.app import app
 from kvtuner.cli.common import (
     DEFAULT_MODEL,
+    CapsOption,
     ChunkOption,
     ContextOption,
     ContinuationOption,
@@ -21,15 +22,9 @@ from kvtuner.cli.common import (
     ModelOption,
     SeedOption,
     emit_json,
+    parse_caps,
 )
-from kvtuner.errors import ConfigError
 
-CapsOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--max-bits", help="Bit cap(s), repeated or comma-separated (default 3.0 3.5 4.0 6.0)."
-    ),
-]
 StorageOption = Annotated[
     str | None,
     typer.Option(
@@ -42,22 +37,6 @@ StudyOption = Annotated[
     str | None,
     typer.Option("--study-name", help="Study name (default <model>-<scheme>-<objective>)."),
 ]
-
-
-def parse_caps(values: list[str] | None) -> tuple[float, ...]:
-    """`["3", "3.5,4"]` -> (3.0, 3.5, 4.0); None -> the default caps."""
-    from kvtuner.search.export import DEFAULT_CAPS
-
-    if not values:
-        return DEFAULT_CAPS
-    caps = []
-    for value in values:
-        for part in str(value).split(","):
-            try:
-                caps.append(float(part))
-            except ValueError:
-                raise ConfigError(f"--max-bits: '{part}' is not a number") from None
-    return tuple(sorted(set(caps)))
 
 
 @app.command()

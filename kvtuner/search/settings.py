@@ -310,8 +310,7 @@ def run_calibration(
         model=loaded.name,
         num_layers=int(meta["num_layers"]),
         scheme=scheme,
-        group_size=meta.get("group_size"),
-        residual_length=int(meta.get("residual_length") or 0),
+        layout=meta,
         max_groups=settings.max_groups,
         metadata={"sensitivity": str(paths["sensitivity"])},
     )

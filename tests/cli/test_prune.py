@@ -54,13 +54,31 @@ def run(args, capsys):
 
 
 def test_prune_writes_space_and_summary(calibration, capsys):
-    rc, stdout, _ = run(["prune", "--model", "toy-model", "--out", str(calibration)], capsys)
+    rc, stdout, _ = run(
+        ["prune", "--model", "toy-model", "--out", str(calibration), "--max-size", "200"], capsys
+    )
     assert rc == 0
-    assert "toy-model per-token: 6 layers -> 3 groups (eps 0.05 from --eps" in stdout
+    assert "toy-model per-token: 6 layers -> 3 groups: the most groups whose space holds at most 200" in stdout
     assert "KV8 K8V4 KV4 K4V2 KV2" in stdout and "layers 0-1,4\n" in stdout
     space = SearchSpace.load(calibration / "toy-model" / "per-token" / "space.yaml")
     assert [g.layers for g in space.groups] == [(0, 1, 4), (2, 5), (3,)]
     assert space.size == 125
+
+
+def test_prune_with_no_options_stays_under_100000_configs(calibration, capsys):
+    rc, stdout, _ = run(["prune", "--model", "toy-model", "--out", str(calibration), "--json"], capsys)
+    assert rc == 0
+    summary = json.loads(stdout)
+    assert summary["clustering"] == "max_size" and summary["size_after"] <= 100_000
+    assert len(summary["groups"]) == 6  # 5**6 = 15,625 fits: every layer its own group
+
+
+def test_prune_with_the_papers_dbscan(calibration, capsys):
+    rc, stdout, _ = run(
+        ["prune", "--model", "toy-model", "--out", str(calibration), "--eps", "0.05"], capsys
+    )
+    assert rc == 0
+    assert "-> 3 groups: DBSCAN with --eps 0.05 on log10 e_o" in stdout
 
 
 def test_prune_json_with_max_groups(calibration, capsys):
@@ -70,7 +88,7 @@ def test_prune_json_with_max_groups(calibration, capsys):
     assert rc == 0
     summary = json.loads(stdout)
     assert len(summary["groups"]) <= 2
-    assert summary["eps_chosen_for_max_groups"] == 2 and summary["eps"] > 0.05
+    assert summary["clustering"] == "max_groups" and summary["max_groups"] == 2
     assert summary["size_before"] == 9**6 and summary["size_pruned"] == 5**6
     assert summary["size_after"] == 5 ** len(summary["groups"])
     assert summary["space"] == str(calibration / "toy-model" / "per-token" / "space.yaml")

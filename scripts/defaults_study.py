@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""The measurements behind the cache defaults (README "Defaults"): `python scripts/defaults_study.py`.
+
+On held-out text (8 samples of 512 context + 128 scored tokens, the same samples for every row of
+a model), for each model:
+1. old against new defaults: per-token KV4 and K4V2 and KIVI K4V2 with the old defaults (one group
+   per head, the prompt attending to its quantized keys and values, no sinks) and the new ones;
+2. per-token group size (one per head, 64, 32, 16 channels) over the uniform pairs, with effective
+   bits at 4096 tokens, so that sizes are compared at equal effective bits;
+3. attention sinks: 0 or 4 full-precision first tokens, per-token and KIVI.
+Writes `<out>/defaults_<model>.csv`, `<out>/group_size_<model>.png` and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from kvtuner.compat import model_shape
+from kvtuner.config import PrecisionConfig
+from kvtuner.evaluate import EvalProtocol, Evaluator, eval_samples
+from kvtuner.io import atomic_path
+from kvtuner.models import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIFORM = ("KV8", "K8V4", "KV4", "K4V2", "KV2")
+GROUPS = (None, 64, 32, 16)
+OLD = dict(group_size=None, sink_tokens=0)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def rows_for(num_layers: int) -> list[tuple[str, str, PrecisionConfig, bool]]:
+    """(study, label, config, quantize_prefill) for every measured row of a model."""
+    rows = []
+    for spec in ("KV4", "K4V2"):
+        old = PrecisionConfig.uniform(spec, num_layers, **OLD)
+        rows.append(("defaults", f"per-token {spec} old", old, True))
+        rows.append(
+            ("defaults", f"per-token {spec} new", PrecisionConfig.uniform(spec, num_layers), False)
+        )
+    kivi_old = PrecisionConfig.uniform("K4V2", num_layers, scheme="kivi", sink_tokens=0)
+    rows.append(("defaults", "kivi K4V2 old", kivi_old, True))
+    rows.append(
+        (
+            "defaults",
+            "kivi K4V2 new",
+            PrecisionConfig.uniform("K4V2", num_layers, scheme="kivi"),
+            False,
+        )
+    )
+    for group in GROUPS:
+        for spec in UNIFORM:
+            config = PrecisionConfig.uniform(spec, num_layers, group_size=group)
+            rows.append(("group", f"g{group or 'head'} {spec}", config, False))
+    for scheme in ("per-token", "kivi"):
+        for spec in ("KV4", "K4V2", "KV2"):
+            for sinks in (0, 4):
+                config = PrecisionConfig.uniform(spec, num_layers, scheme=scheme, sink_tokens=sinks)
+                rows.append(("sinks", f"{scheme} {spec} sinks {sinks}", config, False))
+    return rows
+
+
+def measure(model_name: str, samples: int, seed: int) -> pd.DataFrame:
+    loaded = load_model(model_name)
+    shape = model_shape(loaded.model.config)
+    protocol = EvalProtocol(512, 128, 32)
+    tokens = eval_samples(loaded.tokenizer, None, samples, protocol, seed=seed)
+    evaluator = Evaluator(loaded.model, tokens, protocol)
+    evaluator.reference()
+    records, seen = [], {}
+    for study, label, config, quantize_prefill in rows_for(loaded.num_layers):
+        key = (config, quantize_prefill)
+        if key not in seen:  # the same config in two studies is measured once
+            started = time.perf_counter()
+            seen[key] = evaluator.evaluate(config, quantize_prefill=quantize_prefill)
+            log(
+                f"{model_name} {label}: KL {seen[key].kl:.4f} ({time.perf_counter() - started:.1f} s)"
+            )
+        result = seen[key]
+        records.append(
+            {
+                "model": model_name,
+                "study": study,
+                "row": label,
+                "scheme": config.scheme,
+                "group_size": config.group_size,
+                "sink_tokens": config.sink_tokens,
+                "quantize_prefill": quantize_prefill,
+                "equivalent_bits": config.equivalent_bits,
+                "effective_bits": config.effective_bits(shape, 4096),
+                "kl": result.kl,
+                "kl_stderr": result.kl_stderr,
+                "ppl": result.ppl,
+                "per_sample_kl": " ".join(f"{x:.6g}" for x in result.per_sample_kl),
+            }
+        )
+    return pd.DataFrame(records)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    lines = []
+    for model, rows in frame.groupby("model", sort=False):
+        lines += [
+            f"### {model}",
+            "",
+            "| study | row | eff. bits @4096 | KL ± s.e. | ppl |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for r in rows.itertuples():
+            lines.append(
+                f"| {r.study} | {r.row} | {r.effective_bits:.2f} | {r.kl:.4f} ± {r.kl_stderr:.4f} | {r.ppl:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_groups(frame: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = frame[frame.study == "group"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group, part in rows.groupby(rows.group_size.fillna(0), sort=True):
+        part = part.sort_values("effective_bits")
+        label = "one group per head" if group == 0 else f"{int(group)} channels"
+        ax.plot(part.effective_bits, part.kl, marker="o", label=label)
+    ax.set_xscale("linear")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits at 4096 tokens (16-bit scales)")
+    ax.set_ylabel("held-out KL (nats/token)")
+    ax.set_title(f"{frame.model.iloc[0]}: per-token group size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models", nargs="+", default=["gemma-3-270m", "smollm2-135m", "qwen2.5-coder-0.5b"]
+    )
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    args = parser.parse_args(argv)
+    frames = []
+    for name in args.models:
+        frame = measure(name, args.samples, args.seed)
+        args.out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(args.out / f"defaults_{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.6g")
+        plot_groups(frame, args.out / f"group_size_{name}.png")
+        frames.append(frame)
+        print(markdown(frame), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
