@@ -45,6 +45,7 @@ def export(
         load_existing_study,
         open_storage,
         redact,
+        storage_errors,
     )
 
     caps = parse_caps(max_bits)
@@ -56,12 +57,13 @@ def export(
                 f"{out_dir / 'study.db'}: no study there (run `kvtuner search` first, or pass --storage)"
             )
         storage = default_storage(out_dir)
-    study = load_existing_study(
-        open_storage(storage),
-        study_name or default_study_name(name, scheme, objective),
-        where=redact(storage),
-    )
-    result = export_study(study, out_dir, caps)
+    with storage_errors(storage):  # a database lost mid-export: one line, no password
+        study = load_existing_study(
+            open_storage(storage),
+            study_name or default_study_name(name, scheme, objective),
+            where=redact(storage),
+        )
+        result = export_study(study, out_dir, caps)
     summary = export_summary(result, study.user_attrs.get("objective", objective))
     if json:
         emit_json(summary)

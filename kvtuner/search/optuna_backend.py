@@ -15,13 +15,13 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import NSGAIISampler
-from optuna.study import MaxTrialsCallback
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from kvtuner.precision import PrecisionPair, parse_pair
 from kvtuner.search.problem import Choices, SearchProblem
 from kvtuner.search.scoring import Scorer
-from kvtuner.search.study import completed_by_key, completed_trials
+from kvtuner.search.study import completed_by_key, completed_trials, live_keys
+from kvtuner.search.trial_loop import TrialLoop
 
 
 class CappedNSGAIISampler(NSGAIISampler):
@@ -55,7 +55,8 @@ class CappedNSGAIISampler(NSGAIISampler):
             self.get_trial_generation(study, trial)
             return {}
         variable = {name: d for name, d in search_space.items() if not d.single()}
-        seen = set(completed_by_key(study))
+        # configs done, running in another worker or queued are not proposed again
+        seen = set(completed_by_key(study)) | live_keys(study, self.problem)
         choices = None
         for _ in range(self.tries):
             child = super().sample_relative(study, trial, variable) if variable else {}
@@ -92,27 +93,35 @@ def run_optuna(
     total_trials: int,
     on_trial: Callable[[list[FrozenTrial]], None] | None = None,
 ) -> None:
-    """Run trials on `study` (its sampler set by the caller) until it holds `total_trials` completed ones."""
+    """Run trials on `study` (its sampler set by the caller) until it holds `total_trials` completed
+    ones, also when other workers share it (see `TrialLoop`)."""
     problem = scorer.problem
+    choices_of: dict[int, Choices] = {}
 
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
+    def suggest(trial: optuna.Trial) -> str:
         choices = tuple(
             parse_pair(trial.suggest_categorical(name, [p.name for p in cands]))
             for name, cands in zip(problem.names, problem.candidates)
         )
-        score = scorer.score(study, choices)
+        choices_of[trial.number] = choices
+        return problem.key(choices)
+
+    def evaluate(trial: optuna.Trial) -> list[float]:
+        score = scorer.score(study, choices_of.pop(trial.number))
         for key, value in score.user_attrs.items():
             trial.set_user_attr(key, value)
         if score.duplicate_of is not None:
             trial.set_user_attr("duplicate_of", score.duplicate_of)
         trial.set_constraint("bits", score.constraint)
-        return score.values[0], score.values[1]
+        return [score.values[0], score.values[1]]
 
-    def report(study: optuna.Study, trial: FrozenTrial) -> None:
+    def key_of(params: dict[str, Any]) -> str | None:
+        if not all(name in params for name in problem.names):
+            return None
+        return problem.key(problem.from_params(params))
+
+    def report() -> None:
         if on_trial is not None:
             on_trial(completed_trials(study))
 
-    if len(completed_trials(study)) >= total_trials:
-        return
-    callbacks = [MaxTrialsCallback(total_trials, states=(TrialState.COMPLETE,)), report]
-    study.optimize(objective, callbacks=callbacks, gc_after_trial=False, show_progress_bar=False)
+    TrialLoop(study, total_trials, suggest, evaluate, key_of, on_change=report).run()

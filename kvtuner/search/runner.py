@@ -1,10 +1,12 @@
 """Run a search end to end: prepare, open the study, seed it, run trials (in N processes), export.
 
-`--trials N` is the study's total of completed trials: running the same command again after a
-kill continues where the study stopped. With `--workers N` the parent seeds the study, starts N
-processes that each load the model and pull trials from the shared storage, shows progress from
-the storage, and exports when they are done. Workers on other machines join by running the same
-command with the same `--storage` URL (concurrent workers may overshoot the total by workers - 1).
+`--trials N` is the study's total of completed trials, exactly, however many workers share it:
+running the same command again after a kill continues where the study stopped. With `--workers N`
+the parent seeds the study, starts N processes that each load the model and pull trials from the
+shared storage, shows progress from the storage, and exports when they are done. Workers on other
+machines join by running the same command with the same `--storage` URL. A worker that dies loses
+nothing: its trial is failed (at once when it ran on this machine, else by heartbeat) and its config
+run again by another worker; the parent reports one line when workers fail or the database is lost.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from optuna.trial import FrozenTrial
 
 from kvtuner.errors import KVTunerError
 from kvtuner.search.export import ExportResult, export_study
+from kvtuner.search.faults import reap_dead_local_workers
 from kvtuner.search.objectives import (
     AccuracyObjective,
     HeldoutObjective,
@@ -35,7 +38,14 @@ from kvtuner.search.progress import SearchProgress
 from kvtuner.search.pymoo_backend import run_pymoo
 from kvtuner.search.scoring import Scorer
 from kvtuner.search.settings import PreparedSearch, SearchSettings, load_for_search, prepare
-from kvtuner.search.study import completed_by_key, completed_trials, enqueue_seeds, open_study
+from kvtuner.search.study import (
+    completed_by_key,
+    completed_trials,
+    enqueue_seeds,
+    open_study,
+    storage_error_types,
+    storage_errors,
+)
 
 
 @dataclass(frozen=True)
@@ -59,27 +69,30 @@ def run_search(
 ) -> SearchOutcome:
     """Search until the study holds `settings.trials` completed trials, then export; see module doc."""
     started = time.perf_counter()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our bar reports trials, not Optuna's log
-    prep = prepare(settings, loaded=loaded, quiet=quiet)
+    # our bar reports trials; Optuna's warnings (a lost database: SQL, retries) would bury our one line
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with storage_errors(settings.storage or "the study's storage"):
+        prep = prepare(settings, loaded=loaded, quiet=quiet)
     # the model loads (and the reference is computed) before the study is written and the bar starts
     scorer = make_scorer(prep, quiet) if settings.workers == 1 else None
-    study = _open(prep, index=0)
-    before = len(completed_trials(study))
-    if settings.backend == "optuna":
-        enqueue_seeds(study, prep.problem, prep.seeds, prep.seed_kinds)
-    progress = SearchProgress(
-        settings.trials, settings.caps, settings.objective, done=before, quiet=quiet
-    )
-    progress.refresh(completed_trials(study))
-    try:
-        if scorer is not None:
-            search_trials(prep, study, scorer, index=0, on_trial=progress.refresh)
-        else:
-            _run_processes(prep, study, progress)
-    finally:
-        progress.close()
-    export = export_study(study, prep.out_dir, settings.caps, found_by=settings.command or None)
-    after = len(completed_trials(study))
+    with storage_errors(prep.storage_url):
+        study = _open(prep, index=0)
+        before = len(completed_trials(study))
+        if settings.backend == "optuna":
+            enqueue_seeds(study, prep.problem, prep.seeds, prep.seed_kinds)
+        progress = SearchProgress(
+            settings.trials, settings.caps, settings.objective, done=before, quiet=quiet
+        )
+        progress.refresh(completed_trials(study))
+        try:
+            if scorer is not None:
+                search_trials(prep, study, scorer, index=0, on_trial=progress.refresh)
+            else:
+                _run_processes(prep, study, progress)
+        finally:
+            progress.close()
+        export = export_study(study, prep.out_dir, settings.caps, found_by=settings.command or None)
+        after = len(completed_trials(study))
     return SearchOutcome(
         study_name=prep.study_name,
         storage=prep.where,
@@ -212,43 +225,88 @@ def _evaluate_seeds(
 
 
 def _run_processes(prep: PreparedSearch, study: optuna.Study, progress: SearchProgress) -> None:
+    """Start `--workers` processes on the study, show progress, and report their faults in one line.
+
+    A worker that dies has its running trial failed at once, so the others run its config again;
+    when the study still reaches its total, that is a warning, not an error.
+    """
     settings = prep.settings
     threads = max(1, (os.cpu_count() or 1) // settings.workers)
     context = multiprocessing.get_context("spawn")
+    errors = context.SimpleQueue()  # workers send their one-line errors here instead of printing
     processes = [
-        context.Process(target=worker_main, args=(settings, i, threads))
+        context.Process(target=worker_main, args=(settings, i, threads, errors))
         for i in range(settings.workers)
     ]
     for process in processes:
         process.start()
+    lost: BaseException | None = None
     try:
         while any(p.is_alive() for p in processes):
             time.sleep(1.0)
-            progress.refresh(completed_trials(study))
+            if lost is not None:
+                continue  # the database is away: the workers will stop on their own
+            try:
+                if any(p.exitcode not in (None, 0) for p in processes):
+                    reap_dead_local_workers(study)
+                progress.refresh(completed_trials(study))
+            except storage_error_types() as exc:
+                lost = exc
     finally:
         for process in processes:
             process.join()
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    if messages:
+        more = f" ({len(messages)} of {len(processes)} workers)" if len(messages) > 1 else ""
+        raise KVTunerError(messages[0] + more)
+    if lost is not None:
+        raise lost
+    reap_dead_local_workers(study)
+    done = len(completed_trials(study))
     progress.refresh(completed_trials(study))
-    failed = [(i, p.exitcode) for i, p in enumerate(processes) if p.exitcode != 0]
-    if failed:
-        codes = ", ".join(f"worker {i}: exit {code}" for i, code in failed)
-        raise KVTunerError(
-            f"{len(failed)} of {len(processes)} workers failed ({codes}); completed trials are kept"
+    died = [(i, p.exitcode) for i, p in enumerate(processes) if p.exitcode != 0]
+    if not died:
+        return
+    codes = ", ".join(f"worker {i}: {_exit_reason(code)}" for i, code in died)
+    if done >= settings.trials:
+        print(
+            f"kvtuner: warning: {codes}; its trials were run again by the other workers",
+            file=sys.stderr,
         )
+        return
+    raise KVTunerError(
+        f"{len(died)} of {len(processes)} workers failed ({codes}); the study holds {done} of "
+        f"{settings.trials} trials: run the same command again to continue"
+    )
 
 
-def worker_main(settings: SearchSettings, index: int, threads: int) -> None:
-    """Entry point of a worker process: load the model, pull trials from the shared study, exit."""
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+def worker_main(settings: SearchSettings, index: int, threads: int, errors: Any = None) -> None:
+    """Entry point of a worker process: load the model, pull trials from the shared study, exit.
+
+    A user error goes to `errors` (a queue the parent reads) when given, else to stderr; exit 2.
+    """
     import torch
 
     torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        prep = prepare(settings, quiet=True, calibrate=False)
-        study = _open(prep, index)
-        search_trials(prep, study, make_scorer(prep, quiet=True), index=index)
+        with storage_errors(settings.storage or "the study's storage"):
+            prep = prepare(settings, quiet=True, calibrate=False)
+            study = _open(prep, index)
+            search_trials(prep, study, make_scorer(prep, quiet=True), index=index)
     except KVTunerError as exc:
-        print(f"kvtuner: error: worker {index}: {exc}", file=sys.stderr)
+        if errors is None:
+            print(f"kvtuner: error: worker {index}: {exc}", file=sys.stderr)
+        else:
+            errors.put(f"worker {index}: {exc}")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -111,7 +111,12 @@ class SearchSettings:
                 "seed": self.seed,
                 "text": self.text or "heldout",
             }
-        fields["dtype"] = self.dtype or "default"
+        if self.objective != "proxy":  # losses of a float32 cpu and a bfloat16 gpu run do not mix
+            from kvtuner.models import resolve_dtype
+
+            device = self.device.split(":")[0]
+            fields["device"] = device
+            fields["dtype"] = str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
         return json.dumps(fields, sort_keys=True)
 
 

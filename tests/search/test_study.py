@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import optuna
 import pytest
 
@@ -11,9 +14,11 @@ from kvtuner.search.problem import SearchProblem
 from kvtuner.search.study import (
     StudySignature,
     enqueue_seeds,
+    evaluation_difference,
     open_storage,
     open_study,
     redact,
+    scrub,
 )
 from kvtuner.space import LayerGroup, SearchSpace
 
@@ -98,3 +103,68 @@ def test_enqueue_seeds_skips_known_configs(tmp_path):
     assert enqueue_seeds(study, problem, seeds, ["uniform", "uniform"]) == 0
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert [t.user_attrs["seed"] for t in waiting] == ["uniform", "uniform"]
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        ("postgresql://u:p@h/db", "postgresql+psycopg://u:p@h/db"),
+        ("postgres://u:p@h:5433/db", "postgresql+psycopg://u:p@h:5433/db"),
+        ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
+        ("postgresql+psycopg2://u@h/db", "postgresql+psycopg2://u@h/db"),
+    ],
+)
+def test_postgres_urls_use_psycopg_3(url, target):
+    from kvtuner.search.study import _classify
+
+    assert _classify(url) == ("postgresql", target)
+
+
+def test_missing_driver_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` raises ImportError
+    with pytest.raises(
+        ConfigError, match=r'psycopg is not installed; pip install "kvtuner\[postgres\]"'
+    ):
+        open_storage("postgresql://kv:secret@127.0.0.1:1/db")
+
+
+def test_scrub_removes_the_password_however_it_is_written():
+    url = "postgresql://kv:p%40ss@h/db"
+    text = "failed for postgresql://kv:p%40ss@h/db with password p@ss (p%40ss)"
+    assert scrub(text, url) == "failed for postgresql://kv:***@h/db with password *** (***)"
+    assert redact("x postgresql://kv:pw@h/db and mysql://a:b@c/d") == (
+        "x postgresql://kv:***@h/db and mysql://a:***@c/d"
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "ten", "1.5"])
+def test_heartbeat_settings_must_be_whole_seconds(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("KVTUNER_GRACE_SECONDS", value)
+    with pytest.raises(ConfigError, match=f"KVTUNER_GRACE_SECONDS must be .*; got '{value}'"):
+        open_storage(str(tmp_path / "s.db"))
+
+
+def test_heartbeat_settings_reach_the_storage(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTUNER_HEARTBEAT_SECONDS", "2")
+    storage = open_storage(str(tmp_path / "s.db"))
+    assert (storage.heartbeat_interval, storage.grace_period) == (2, 120)
+
+
+def test_evaluation_records_device_and_dtype_and_old_studies_still_match():
+    from kvtuner.search import SearchSettings
+
+    cpu = json.loads(SearchSettings().evaluation())
+    assert (cpu["device"], cpu["dtype"]) == ("cpu", "float32")
+    assert "dtype" not in json.loads(SearchSettings(objective="proxy").evaluation())
+    # before devices and dtypes were resolved: `dtype: default`, no device
+    legacy = json.dumps({**{k: v for k, v in cpu.items() if k != "device"}, "dtype": "default"})
+    assert evaluation_difference(legacy, SearchSettings().evaluation()) is None
+    bf16 = SearchSettings(dtype="bfloat16").evaluation()
+    assert evaluation_difference(legacy, bf16) == ("dtype", "default", "bfloat16")
+    assert evaluation_difference(SearchSettings().evaluation(), bf16) == (
+        "dtype",
+        "float32",
+        "bfloat16",
+    )
+    old_proxy = json.dumps({"dtype": "default", "objective": "proxy"})
+    assert evaluation_difference(old_proxy, SearchSettings(objective="proxy").evaluation()) is None
