@@ -75,6 +75,7 @@ class QuantizedKVLayer(DynamicLayer):
             kivi=layout.kivi,
             group_size=layout.channel_group(head_dim),
             block_size=layout.block_size,
+            smooth=layout.smooth,
         )
         empty = key_states.new_empty((2, batch, heads, 0, head_dim))
         self._sink, self._res = empty, empty.clone()
@@ -96,7 +97,7 @@ class QuantizedKVLayer(DynamicLayer):
         if self.block == 1 and self.layout.residual_length == 0:
             # no residual: new tokens go straight into the stores
             if states.shape[-2]:
-                self.stores.append(states)
+                self.stores.append(states, self._valid(past + sinks, states.shape[-2]))
         else:
             self._res = cat_tokens(self._res, states)
             self._flush()
@@ -194,11 +195,15 @@ class QuantizedKVLayer(DynamicLayer):
         if count <= 0:
             return
         first = self.cumulative_length - waiting  # position of the oldest residual token
-        valid = None
-        if self.valid is not None and self.valid.shape[-1] >= first + count:
-            valid = self.valid[:, None, first : first + count, None]
-        self.stores.append(self._res[..., :count, :], valid)
+        self.stores.append(self._res[..., :count, :], self._valid(first, count))
         self._res = self._res[..., count:, :].clone()
+
+    def _valid(self, first: int, count: int) -> torch.Tensor | None:
+        """Bool `[batch, 1, count, 1]`: which of positions first..first+count-1 are tokens, not
+        padding (None when the attention mask is unknown)."""
+        if self.valid is None or self.valid.shape[-1] < first + count:
+            return None
+        return self.valid[:, None, first : first + count, None]
 
     def _read(self, visible: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The last `visible` keys and values of sinks + stores + residual, dequantized.

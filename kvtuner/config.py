@@ -40,6 +40,7 @@ TOP_FIELDS = (
     "block_size",
     "residual_length",
     "sink_tokens",
+    "smooth",
     "equivalent_bits",
     "metadata",
     "layers",
@@ -65,6 +66,7 @@ class PrecisionConfig:
     residual_length: int | None = None
     block_size: int | None = None
     sink_tokens: int | None = None
+    smooth: bool | None = None
     model: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
     source: str | None = field(default=None, compare=False)
@@ -89,6 +91,10 @@ class PrecisionConfig:
             object.__setattr__(self, "block_size", defaults.KIVI_BLOCK_SIZE)
         if self.sink_tokens is None:
             object.__setattr__(self, "sink_tokens", defaults.SINK_TOKENS)
+        if self.smooth is None:
+            object.__setattr__(self, "smooth", defaults.SMOOTH)
+        if not isinstance(self.smooth, bool):
+            raise ConfigError(f"{where}: smooth must be true or false; got {self.smooth!r}")
         if self.group_size is not None and (not _is_int(self.group_size) or self.group_size <= 0):
             raise ConfigError(
                 f"{where}: group_size must be a positive integer or null; got {self.group_size!r}"
@@ -145,6 +151,7 @@ class PrecisionConfig:
             block_size=self.block_size,
             residual_length=self.residual_length,
             sink_tokens=self.sink_tokens,
+            smooth=self.smooth,
         )
 
     def effective_bits(
@@ -173,6 +180,7 @@ class PrecisionConfig:
             "block_size": self.block_size,
             "residual_length": self.residual_length,
             "sink_tokens": self.sink_tokens,
+            "smooth": self.smooth,
             "equivalent_bits": round(self.equivalent_bits, 6),
             "metadata": dict(self.metadata),
             "layers": {i: _pair_dict(p) for i, p in enumerate(self.layers)},
@@ -348,10 +356,13 @@ def _from_own_format(data: dict[Any, Any], where: str, scheme: str | None) -> Pr
     chosen_scheme = file_scheme or scheme or defaults.SCHEME
     group_size = data.get("group_size", defaults.GROUP_SIZE)
     block_size = data.get("block_size")
-    if version == 1 and chosen_scheme == "kivi":
-        # version 1 had one group_size for KIVI's key blocks and value groups (null meant 32)
-        group_size = group_size if group_size is not None else defaults.GROUP_SIZE
-        block_size = group_size
+    sink_tokens, smooth = data.get("sink_tokens"), data.get("smooth")
+    if version == 1:  # version 1 files keep their meaning: no sinks, no smoothing
+        sink_tokens, smooth = 0, False
+        if chosen_scheme == "kivi":
+            # one group_size for KIVI's key blocks and value groups (null meant 32)
+            group_size = group_size if group_size is not None else defaults.GROUP_SIZE
+            block_size = group_size
     config = PrecisionConfig(
         layers=layers,
         heads=heads,
@@ -359,7 +370,8 @@ def _from_own_format(data: dict[Any, Any], where: str, scheme: str | None) -> Pr
         group_size=group_size,
         block_size=block_size,
         residual_length=data.get("residual_length"),
-        sink_tokens=data.get("sink_tokens"),
+        sink_tokens=sink_tokens,
+        smooth=smooth,
         model=model,
         metadata=dict(metadata),
         source=where,

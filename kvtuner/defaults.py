@@ -13,6 +13,7 @@ GROUP_SIZE = 32  # channels per scale/zero (per-token K and V; KIVI V); at most 
 KIVI_BLOCK_SIZE = 32  # KIVI: tokens per per-channel key block
 KIVI_RESIDUAL_LENGTH = 32  # KIVI: newest tokens kept in full precision
 SINK_TOKENS = 4  # first tokens of the sequence kept in full precision (attention sinks)
+SMOOTH = True  # per-token groups see channels divided by their prompt-time peak magnitude
 QUANTIZE_PREFILL = False  # the prompt's own forward sees exact keys and values
 
 # -- calibration ----------------------------------------------------------------------------------

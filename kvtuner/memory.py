@@ -8,7 +8,8 @@ byte (tests/test_memory.py fills real caches and compares with `nbytes()`):
 - a sliding-window layer holds only its window (`window - 1` past tokens, as transformers'
   dynamic sliding layer; KIVI drops whole blocks, so it may keep up to a block more);
 - codes are packed `bits` per element; each per-token group of channels stores a scale and a zero
-  point, each KIVI key block one per channel, in the cache dtype; 16 bits means kept as is.
+  point, each KIVI key block one per channel, in the cache dtype; 16 bits means kept as is; a
+  smoothed per-token tensor also holds one per-channel scale per head.
 
 Effective bits = dtype bits x bytes held / bytes a dense cache of the same dtype holds: the bits per
 cached element, 16 for a dense 16-bit cache. It is additive over layers (`layer_costs`), so a bit
@@ -93,6 +94,8 @@ def tensor_bytes(
     else:
         groups = head_dim // layout.channel_group(head_dim)
         params = held.quantized * heads * groups * 2 * dtype_bytes
+        if layout.smooth and held.quantized:  # one per-channel scale per head
+            params += heads * head_dim * dtype_bytes
     return (held.sinks + held.residual) * raw_row + held.quantized * codes + params
 
 

@@ -92,6 +92,9 @@ class Layout:
     - `group_size`: channels per scale and zero point of per-token groups (None: one group per
       head). A size that does not divide head_dim falls to its largest divisor below (80: 20).
     - `sink_tokens`: the first tokens of the sequence, kept in full precision (attention sinks).
+    - `smooth`: per-token groups quantize channels divided by a per-channel scale (each channel's
+      peak magnitude over the first stored tokens), so one outlier channel does not set the step
+      of its whole group; the scale is multiplied back on reading.
     """
 
     scheme: str = defaults.SCHEME
@@ -99,6 +102,7 @@ class Layout:
     block_size: int = defaults.KIVI_BLOCK_SIZE
     residual_length: int = 0
     sink_tokens: int = defaults.SINK_TOKENS
+    smooth: bool = defaults.SMOOTH
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:

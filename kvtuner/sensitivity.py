@@ -75,7 +75,11 @@ class QuantScheme:
             part = fake_quantize(part, bits, per_channel=True, group_size=self.layout.block_size)
         else:
             group = self.layout.channel_group(x.shape[-1])
-            part = fake_quantize(part, bits, group_size=group)
+            scale = channel_scale(part) if self.layout.smooth else None
+            if scale is None:
+                part = fake_quantize(part, bits, group_size=group)
+            else:  # as a smoothed store: the stored tokens' per-channel peak (the prompt's)
+                part = fake_quantize(part / scale, bits, group_size=group) * scale
         return torch.cat([x[..., :begin, :], part, x[..., end:, :]], dim=-2)
 
     def stored_mask(self, query_positions: torch.Tensor, seq_len: int) -> torch.Tensor | None:
@@ -88,6 +92,12 @@ class QuantScheme:
         end = torch.tensor([h.sinks + h.quantized for h in bounds], device=query_positions.device)
         keys = torch.arange(seq_len, device=query_positions.device)[None, :]
         return (keys >= begin[:, None]) & (keys < end[:, None])
+
+
+def channel_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel peak |x| over tokens, `[..., 1, head_dim]`, floored as `TokenStore` floors it."""
+    peak = x.abs().amax(dim=-2, keepdim=True).float()
+    return torch.maximum(peak, peak.mean(-1, keepdim=True) * 1e-2 + 1e-12).to(x.dtype)
 
 
 def visible_mask(

@@ -4,10 +4,12 @@
 On held-out text (8 samples of 512 context + 128 scored tokens, the same samples for every row of
 a model), for each model:
 1. old against new defaults: per-token KV4 and K4V2 and KIVI K4V2 with the old defaults (one group
-   per head, the prompt attending to its quantized keys and values, no sinks) and the new ones;
+   per head, the prompt attending to its quantized keys and values, no sinks, no smoothing) and
+   the new ones;
 2. per-token group size (one per head, 64, 32, 16 channels) over the uniform pairs, with effective
    bits at 4096 tokens, so that sizes are compared at equal effective bits;
-3. attention sinks: 0 or 4 full-precision first tokens, per-token and KIVI.
+3. attention sinks: 0 or 4 full-precision first tokens, per-token and KIVI;
+4. channel smoothing of per-token groups: off or on, per-token and KIVI (its values).
 Writes `<out>/defaults_<model>.csv`, `<out>/group_size_<model>.png` and prints markdown tables.
 """
 
@@ -29,7 +31,7 @@ from kvtuner.models import load_model
 ROOT = Path(__file__).resolve().parent.parent
 UNIFORM = ("KV8", "K8V4", "KV4", "K4V2", "KV2")
 GROUPS = (None, 64, 32, 16)
-OLD = dict(group_size=None, sink_tokens=0)
+OLD = dict(group_size=None, sink_tokens=0, smooth=False)
 
 
 def log(message: str) -> None:
@@ -45,7 +47,9 @@ def rows_for(num_layers: int) -> list[tuple[str, str, PrecisionConfig, bool]]:
         rows.append(
             ("defaults", f"per-token {spec} new", PrecisionConfig.uniform(spec, num_layers), False)
         )
-    kivi_old = PrecisionConfig.uniform("K4V2", num_layers, scheme="kivi", sink_tokens=0)
+    kivi_old = PrecisionConfig.uniform(
+        "K4V2", num_layers, scheme="kivi", sink_tokens=0, smooth=False
+    )
     rows.append(("defaults", "kivi K4V2 old", kivi_old, True))
     rows.append(
         (
@@ -64,6 +68,12 @@ def rows_for(num_layers: int) -> list[tuple[str, str, PrecisionConfig, bool]]:
             for sinks in (0, 4):
                 config = PrecisionConfig.uniform(spec, num_layers, scheme=scheme, sink_tokens=sinks)
                 rows.append(("sinks", f"{scheme} {spec} sinks {sinks}", config, False))
+    for scheme in ("per-token", "kivi"):
+        for spec in ("KV8", "K8V4", "KV4", "K4V2", "KV2"):
+            for smooth in (False, True):
+                config = PrecisionConfig.uniform(spec, num_layers, scheme=scheme, smooth=smooth)
+                label = f"{scheme} {spec} smooth {'on' if smooth else 'off'}"
+                rows.append(("smooth", label, config, False))
     return rows
 
 
@@ -92,6 +102,7 @@ def measure(model_name: str, samples: int, seed: int) -> pd.DataFrame:
                 "scheme": config.scheme,
                 "group_size": config.group_size,
                 "sink_tokens": config.sink_tokens,
+                "smooth": config.smooth,
                 "quantize_prefill": quantize_prefill,
                 "equivalent_bits": config.equivalent_bits,
                 "effective_bits": config.effective_bits(shape, 4096),

@@ -129,7 +129,7 @@ def tiny_cache(spec: str, scheme: str = "per-token", arch: str = "llama", **kw) 
 
 
 def test_nbytes_is_the_sum_of_held_tensors_and_matches_the_formula():
-    cache = tiny_cache("K8V4", group_size=8)
+    cache = tiny_cache("K8V4", group_size=8, smooth=False)
     feed(cache, [40, 1, 1, 1])
     held = sum(t.numel() * t.element_size() for t in cache.tensors())
     assert cache.nbytes() == held
@@ -364,3 +364,47 @@ def test_decode_steps_never_synchronise_with_the_host(monkeypatch, scheme):
     feed(cache, [1] * 20, seed=4)  # crosses KIVI block flushes
     monkeypatch.undo()
     assert cache.get_seq_length() == 60
+
+
+def test_smoothed_stores_fix_their_channel_scale_after_the_warmup():
+    from kvtuner.quant.store import TokenStore
+
+    gen = torch.Generator().manual_seed(0)
+    store = TokenStore(4, 16, smooth=True, warmup=32)
+    first = torch.randn(1, 2, 5, 16, generator=gen)  # a short prompt: no scale yet
+    store.append(first)
+    assert store.channel_scale is None and store.peak is not None
+    rest = torch.randn(1, 2, 40, 16, generator=gen)
+    rest[..., 3] *= 30.0
+    store.append(rest)  # 45 tokens seen: the scale is the peak over both appends
+    expected = torch.cat([first, rest], dim=-2).abs().amax(-2, keepdim=True)
+    assert torch.allclose(store.channel_scale, expected.clamp_min(expected.mean(-1, keepdim=True) * 1e-2))
+    assert store.smooth_from == 5 and store.peak is None
+    later = torch.randn(1, 2, 3, 16, generator=gen)
+    store.append(later)
+    history = torch.cat([first, rest, later], dim=-2)
+    read = store.read(0)
+    plain = TokenStore(4, 16)
+    plain.append(history)
+    assert torch.equal(read[..., :5, :], plain.read(0)[..., :5, :])  # before the warmup: plain
+    others = [c for c in range(16) if c != 3]
+    smoothed = (read[..., 5:, others] - history[..., 5:, others]).abs().mean()
+    unsmoothed = (plain.read(0)[..., 5:, others] - history[..., 5:, others]).abs().mean()
+    assert smoothed < 0.5 * unsmoothed
+    store.drop_front(7)
+    assert store.smooth_from == 0
+    assert torch.equal(store.read(0), read[..., 7:, :])
+
+
+def test_padding_stays_out_of_the_channel_scale():
+    cache = tiny_cache("KV4", sink_tokens=0)
+    gen = torch.Generator().manual_seed(2)
+    keys = torch.randn(2, 2, 40, 16, generator=gen)
+    keys[0, :, :10] = 1e4  # padded positions of row 0
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :10] = 0
+    cache.observe_attention_mask(mask)
+    layer = cache.layers[0]
+    layer.update(keys, keys.clone())
+    scale = layer.stores.store.channel_scale  # stacked: [2, batch, heads, 1, head_dim]
+    assert scale[:, 0].max() < 100

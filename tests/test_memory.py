@@ -59,15 +59,19 @@ def test_formula_matches_nbytes_of_a_filled_cache(arch, layout, context, dtype):
 def test_effective_bits_by_hand():
     shape = ModelShape(num_layers=1, kv_heads=2, head_dim=64, windows=(None,))
     kv4 = [PrecisionPair(4, 4)]
-    per_head = Layout("per-token", group_size=None, sink_tokens=0)
+    per_head = Layout("per-token", group_size=None, sink_tokens=0, smooth=False)
     # one scale and zero (16 bits each) per head of 64: 4 + 32 / 64 = 4.5 bits
     assert effective_bits(kv4, per_head, shape, 100) == 4.5
     # groups of 32 channels: 4 + 1; 4 sinks of 100 tokens at 16 bits: 96 * 5 / 100 + 4 * 16 / 100
-    assert effective_bits(kv4, Layout("per-token"), shape, 100) == pytest.approx(
+    assert effective_bits(kv4, Layout("per-token", smooth=False), shape, 100) == pytest.approx(
         (96 * 5 + 4 * 16) / 100
     )
+    # smoothing adds one 16-bit scale per channel and head for keys and for values
+    assert effective_bits(kv4, Layout("per-token"), shape, 100) == pytest.approx(
+        (96 * 5 + 4 * 16 + 16) / 100
+    )
     # KIVI at 128 tokens, 4 sinks, residual 32, blocks 32: 64 quantized, 60 residual
-    kivi = Layout("kivi", residual_length=32)
+    kivi = Layout("kivi", residual_length=32, smooth=False)
     assert held_tokens(kivi, kv4[0], 128).quantized == 64
     expected = (64 * 5 + 64 * 16) / 128  # keys: 1 bit of per-channel scales; values: 1 bit
     assert effective_bits(kv4, kivi, shape, 128) == pytest.approx(expected)
@@ -78,7 +82,7 @@ def test_effective_bits_by_hand():
 def test_sliding_layers_weigh_by_what_they_hold():
     """Gemma 3-like: at 4096 tokens a window-512 layer holds 511 tokens, a global one 4096."""
     shape = ModelShape(num_layers=2, kv_heads=1, head_dim=256, windows=(512, None))
-    layout = Layout("per-token", sink_tokens=0)
+    layout = Layout("per-token", sink_tokens=0, smooth=False)
     costs = layer_costs([[PrecisionPair(4, 4)]] * 2, layout, shape, 4096)
     sliding, full = costs[0][PrecisionPair(4, 4)], costs[1][PrecisionPair(4, 4)]
     assert full / sliding == pytest.approx(4096 / 511)

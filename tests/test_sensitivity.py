@@ -21,13 +21,20 @@ from kvtuner.sensitivity import (
     sensitivity_table,
 )
 
-PER_TOKEN = QuantScheme(Layout("per-token", group_size=None, sink_tokens=0))
+PER_TOKEN = QuantScheme(Layout("per-token", group_size=None, sink_tokens=0, smooth=False))
 
 
 def kivi(group: int, residual: int) -> QuantScheme:
     """KIVI with key blocks and value groups of `group`, no sinks (as the hand computations)."""
     return QuantScheme(
-        Layout("kivi", group_size=group, block_size=group, residual_length=residual, sink_tokens=0)
+        Layout(
+            "kivi",
+            group_size=group,
+            block_size=group,
+            residual_length=residual,
+            sink_tokens=0,
+            smooth=False,
+        )
     )
 
 
@@ -198,3 +205,20 @@ def test_sinks_stay_exact_and_are_not_counted_as_quantized():
     assert not torch.equal(k_hat[..., 3:, :], capture.key[..., 3:, :])
     mask = scheme.stored_mask(torch.arange(14, 24), 24)
     assert not mask[:, :3].any() and mask[0, 3:15].all()
+
+
+def test_smoothing_divides_channels_by_their_peak_before_grouping():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 64, 16, generator=gen)
+    x[..., 3] *= 30.0  # an outlier channel
+    plain = QuantScheme(Layout("per-token", group_size=16, sink_tokens=0, smooth=False))
+    smooth = QuantScheme(Layout("per-token", group_size=16, sink_tokens=0))
+    error = {
+        name: (scheme.quantize(x, 4, is_key=True) - x).norm().item()
+        for name, scheme in (("plain", plain), ("smooth", smooth))
+    }
+    assert error["smooth"] < 0.8 * error["plain"]
+    others = [c for c in range(16) if c != 3]
+    assert (smooth.quantize(x, 4, is_key=True) - x)[..., others].abs().max() < (
+        plain.quantize(x, 4, is_key=True) - x
+    )[..., others].abs().max()

@@ -22,6 +22,8 @@ import torch
 
 from kvtuner.quant.quantizer import dequantize_parts, quantize_per_channel, quantize_per_token
 
+SMOOTH_WARMUP = 32  # tokens whose per-channel magnitudes fix a smoothed store's channel scale
+
 
 def cat_tokens(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     """Concatenate along tokens, skipping the copy when either side is empty."""
@@ -104,14 +106,49 @@ class _PackedStore:
 
 
 class TokenStore(_PackedStore):
-    """Per-token quantized history: scale/zero `[b, h, n, head_dim / group_size]`."""
+    """Per-token quantized history: scale/zero `[b, h, n, head_dim / group_size]`.
 
-    def __init__(self, bits: int, group_size: int) -> None:
+    With `smooth`, channels are divided by a per-channel scale before quantization and multiplied
+    back after: the largest magnitude each channel reached over the first `warmup` stored tokens
+    (the prompt, usually), frozen then. A channel whose keys run 16 times larger than its
+    neighbours' no longer sets the step of their whole group. Tokens stored before the scale was
+    frozen (a prompt shorter than `warmup`) keep the plain grouping.
+    """
+
+    def __init__(
+        self, bits: int, group_size: int, smooth: bool = False, warmup: int = SMOOTH_WARMUP
+    ) -> None:
         super().__init__(bits)
         self.group_size = group_size
+        self.smooth = smooth
+        self.warmup = warmup
+        self.seen = 0  # tokens observed for the per-channel scale (a host-side count)
+        self.peak: torch.Tensor | None = None  # running per-channel max |x|, `[..., 1, head_dim]`
+        self.channel_scale: torch.Tensor | None = None  # the frozen divisor, same shape
+        self.smooth_from = 0  # first stored token divided by it
+
+    def _observe(self, x: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Fold `x` into the per-channel peak; freeze the scale once `warmup` tokens were seen."""
+        magnitude = x.abs()
+        if valid is not None:  # padded positions hold no information about the channels
+            magnitude = magnitude.masked_fill(~valid, 0.0)
+        peak = magnitude.amax(dim=-2, keepdim=True)
+        self.peak = peak if self.peak is None else torch.maximum(self.peak, peak)
+        self.seen += x.shape[-2]
+        if self.seen >= self.warmup:
+            # a floor keeps a channel that stayed near zero from blowing up later tokens
+            floor = self.peak.float().mean(-1, keepdim=True) * 1e-2 + 1e-12
+            self.channel_scale = torch.maximum(self.peak.float(), floor).to(x.dtype)
+            self.peak = None
+            self.smooth_from = self.seq_len
 
     def append(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Append tokens `[b, h, n, head_dim]`; each token is its own group, so padding needs no mask."""
+        """Append tokens `[..., n, head_dim]`; each token is its own group (`valid` only keeps
+        padding out of the per-channel scale)."""
+        if self.smooth and self.channel_scale is None:
+            self._observe(x, valid)
+        if self.channel_scale is not None:
+            x = x / self.channel_scale
         q = quantize_per_token(x, self.bits, self.group_size)
         self.head_dim = q.head_dim
         self._extend(q.packed, q.scale, q.zero)
@@ -119,7 +156,7 @@ class TokenStore(_PackedStore):
     def read(self, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens `[start:]`, dequantized: `[b, h, n - start, head_dim]` (into `out` if given)."""
         assert self.packed is not None and self.scale is not None
-        return dequantize_parts(
+        out = dequantize_parts(
             self.packed[..., start:, :],
             self.scale[..., start:, :],
             None if self.zero is None else self.zero[..., start:, :],
@@ -129,6 +166,24 @@ class TokenStore(_PackedStore):
             per_channel=False,
             out=out,
         )
+        if self.channel_scale is not None:
+            out[..., max(self.smooth_from - start, 0) :, :].mul_(self.channel_scale)
+        return out
+
+    def drop_front(self, n: int) -> None:
+        super().drop_front(n)
+        self.smooth_from = max(self.smooth_from - n, 0)
+
+    def tensors(self) -> list[torch.Tensor]:
+        extra = [t for t in (self.peak, self.channel_scale) if t is not None]
+        return super().tensors() + extra
+
+    def index_batch(self, index: torch.Tensor, dim: int = 0) -> None:
+        super().index_batch(index, dim)
+        for name in ("peak", "channel_scale"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(dim, index.to(t.device)))
 
 
 class ChannelStore(_PackedStore):
@@ -217,8 +272,8 @@ class StackedKV:
         return self.store.seq_len
 
     def append(self, states: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Append stacked `[2, b, h, n, head_dim]` keys and values (per token: no mask needed)."""
-        self.store.append(states)
+        """Append stacked `[2, b, h, n, head_dim]` keys and values (`valid`: see TokenStore)."""
+        self.store.append(states, valid)
 
     def read(self, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens `[start:]` of keys and values, stacked `[2, b, h, n, head_dim]` (into `out`)."""
@@ -235,27 +290,33 @@ class StackedKV:
 
 
 def make_kv_stores(
-    key_bits: int, value_bits: int, *, kivi: bool, group_size: int, block_size: int
+    key_bits: int,
+    value_bits: int,
+    *,
+    kivi: bool,
+    group_size: int,
+    block_size: int,
+    smooth: bool = False,
 ) -> SeparateKV | StackedKV:
     """A layer's stores: per-channel KIVI keys or different bits keep two stores, else one stacked.
 
     `group_size` is the channels per per-token group (a divisor of head_dim); `block_size` the
-    tokens per KIVI key block.
+    tokens per KIVI key block; `smooth` gives per-token stores per-channel scales.
     """
     if not kivi and key_bits == value_bits:
-        return StackedKV(make_store(key_bits, per_channel=False, group=group_size))
+        return StackedKV(make_store(key_bits, per_channel=False, group=group_size, smooth=smooth))
     key_group = block_size if kivi else group_size
     return SeparateKV(
-        make_store(key_bits, per_channel=kivi, group=key_group),
-        make_store(value_bits, per_channel=False, group=group_size),
+        make_store(key_bits, per_channel=kivi, group=key_group, smooth=smooth),
+        make_store(value_bits, per_channel=False, group=group_size, smooth=smooth),
     )
 
 
-def make_store(bits: int, *, per_channel: bool, group: int) -> Store:
+def make_store(bits: int, *, per_channel: bool, group: int, smooth: bool = False) -> Store:
     """The store for one tensor: raw at 16 bits, per-channel blocks of `group` tokens for KIVI keys,
-    else per-token groups of `group` channels."""
+    else per-token groups of `group` channels (per-channel scaled when `smooth`)."""
     if bits == 16:
         return RawStore()
     if per_channel:
         return ChannelStore(bits, group)
-    return TokenStore(bits, group)
+    return TokenStore(bits, group, smooth)

@@ -45,13 +45,16 @@ def parse_layers_key(text: str) -> list[PrecisionPair]:
 class SearchProblem:
     """`space` plus the bit cap every evaluated config should respect (the search's constraint).
 
-    `group_errors[g][pair]`, when known (sum of calibrated e_o over the group's layers), guides the
-    repair of over-cap proposals; without it the repair lowers a random group.
+    `costs[g][pair]`: the bits group g adds to the budget at `pair` (the sum over its layers of
+    `kvtuner.memory.budget_costs`); None counts the paper's equivalent bits. `group_errors[g][pair]`,
+    when known (the group's summed single-layer KL, else e_o), guides the repair of over-cap
+    proposals; without it the repair lowers a random group.
     """
 
     space: SearchSpace
     cap: float
     group_errors: tuple[dict[PrecisionPair, float], ...] | None = None
+    costs: tuple[dict[PrecisionPair, float], ...] | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -73,14 +76,25 @@ class SearchProblem:
         return layers_key(self.layers(choices))
 
     def bits(self, choices: Sequence[PrecisionPair]) -> float:
-        return equivalent_bits(self.layers(choices))
+        """The budget's bits of a config: summed group costs, or equivalent bits."""
+        if self.costs is None:
+            return equivalent_bits(self.layers(choices))
+        return sum(cost[pair] for cost, pair in zip(self.costs, choices))
+
+    def cost(self, group: int, pair: PrecisionPair) -> float:
+        """What group `group` adds to the budget at `pair`."""
+        if self.costs is None:
+            return (
+                len(self.space.groups[group].layers) * pair.equivalent_bits / self.space.num_layers
+            )
+        return self.costs[group][pair]
 
     def feasible(self, choices: Sequence[PrecisionPair]) -> bool:
         return self.bits(choices) <= self.cap + 1e-9
 
     def min_bits(self) -> float:
-        """Equivalent bits of the smallest config in the space."""
-        return self.bits([c[-1] for c in self.candidates])
+        """Budget bits of the smallest config in the space."""
+        return sum(min(self.cost(g, p) for p in cands) for g, cands in enumerate(self.candidates))
 
     def params(self, choices: Sequence[PrecisionPair]) -> dict[str, str]:
         return {name: pair.name for name, pair in zip(self.names, choices)}
@@ -107,9 +121,7 @@ class SearchProblem:
                 if not lower:
                     continue
                 nxt = lower[0]  # the next pair down (candidates are sorted by bits)
-                saved = len(self.space.groups[g].layers) * (
-                    pair.equivalent_bits - nxt.equivalent_bits
-                )
+                saved = self.cost(g, pair) - self.cost(g, nxt)
                 if self.group_errors is None:
                     cost = rng.random()
                 else:
@@ -121,3 +133,13 @@ class SearchProblem:
             _, g, nxt = min(steps, key=lambda s: s[0])
             current[g] = nxt
         return tuple(current)
+
+
+def group_costs(
+    space: SearchSpace, layer_costs: Sequence[dict[PrecisionPair, float]]
+) -> tuple[dict[PrecisionPair, float], ...]:
+    """Per group: candidate pair -> the sum of its layers' costs (`kvtuner.memory.budget_costs`)."""
+    return tuple(
+        {pair: sum(layer_costs[layer][pair] for layer in group.layers) for pair in group.candidates}
+        for group in space.groups
+    )

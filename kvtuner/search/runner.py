@@ -84,13 +84,16 @@ def run_search(
             settings.trials, settings.caps, settings.objective, done=before, quiet=quiet
         )
         progress.refresh(completed_trials(study))
+        warning = None
         try:
             if scorer is not None:
                 search_trials(prep, study, scorer, index=0, on_trial=progress.refresh)
             else:
-                _run_processes(prep, study, progress)
+                warning = _run_processes(prep, study, progress)
         finally:
             progress.close()
+        if warning is not None:
+            print(f"kvtuner: warning: {warning}", file=sys.stderr)
         export = export_study(study, prep.out_dir, settings.caps, found_by=settings.command or None)
         after = len(completed_trials(study))
     return SearchOutcome(
@@ -224,22 +227,27 @@ def _evaluate_seeds(
             on_trial(completed_trials(study))
 
 
-def _run_processes(prep: PreparedSearch, study: optuna.Study, progress: SearchProgress) -> None:
+def _run_processes(
+    prep: PreparedSearch, study: optuna.Study, progress: SearchProgress
+) -> str | None:
     """Start `--workers` processes on the study, show progress, and report their faults in one line.
 
     A worker that dies has its running trial failed at once, so the others run its config again;
-    when the study still reaches its total, that is a warning, not an error.
+    when the study still reaches its total, that is a warning (returned), not an error.
     """
     settings = prep.settings
     threads = max(1, (os.cpu_count() or 1) // settings.workers)
     context = multiprocessing.get_context("spawn")
-    errors = context.SimpleQueue()  # workers send their one-line errors here instead of printing
+    # workers send their one-line errors through a pipe instead of printing them (a pipe holds no
+    # lock that a killed worker could leave behind)
+    pipes = [context.Pipe(duplex=False) for _ in range(settings.workers)]
     processes = [
-        context.Process(target=worker_main, args=(settings, i, threads, errors))
-        for i in range(settings.workers)
+        context.Process(target=worker_main, args=(settings, i, threads, send))
+        for i, (_, send) in enumerate(pipes)
     ]
-    for process in processes:
+    for process, (_, send) in zip(processes, pipes):
         process.start()
+        send.close()  # the worker holds its own copy
     lost: BaseException | None = None
     try:
         while any(p.is_alive() for p in processes):
@@ -255,9 +263,7 @@ def _run_processes(prep: PreparedSearch, study: optuna.Study, progress: SearchPr
     finally:
         for process in processes:
             process.join()
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
+    messages = [m for m in (_message(receive) for receive, _ in pipes) if m is not None]
     if messages:
         more = f" ({len(messages)} of {len(processes)} workers)" if len(messages) > 1 else ""
         raise KVTunerError(messages[0] + more)
@@ -268,14 +274,11 @@ def _run_processes(prep: PreparedSearch, study: optuna.Study, progress: SearchPr
     progress.refresh(completed_trials(study))
     died = [(i, p.exitcode) for i, p in enumerate(processes) if p.exitcode != 0]
     if not died:
-        return
-    codes = ", ".join(f"worker {i}: {_exit_reason(code)}" for i, code in died)
+        return None
+    codes = ", ".join(f"worker {i} {_exit_reason(code)}" for i, code in died)
     if done >= settings.trials:
-        print(
-            f"kvtuner: warning: {codes}; its trials were run again by the other workers",
-            file=sys.stderr,
-        )
-        return
+        again = "its running trial was" if len(died) == 1 else "their running trials were"
+        return f"{codes}; {again} run again by the other workers"
     raise KVTunerError(
         f"{len(died)} of {len(processes)} workers failed ({codes}); the study holds {done} of "
         f"{settings.trials} trials: run the same command again to continue"
@@ -284,18 +287,33 @@ def _run_processes(prep: PreparedSearch, study: optuna.Study, progress: SearchPr
 
 def _exit_reason(code: int | None) -> str:
     if code is not None and code < 0:
-        return f"killed by signal {-code}"
-    return f"exit {code}"
+        return f"was killed by signal {-code}"
+    return f"exited with {code}"
+
+
+def _message(receive: Any) -> str | None:
+    """The error a worker sent, or None (it sent nothing; a pipe closed empty reads as EOF)."""
+    try:
+        return receive.recv() if receive.poll() else None
+    except (EOFError, OSError):
+        return None
 
 
 def worker_main(settings: SearchSettings, index: int, threads: int, errors: Any = None) -> None:
     """Entry point of a worker process: load the model, pull trials from the shared study, exit.
 
-    A user error goes to `errors` (a queue the parent reads) when given, else to stderr; exit 2.
+    A user error goes to `errors` (the sending end of a pipe the parent reads) when given, else
+    to stderr; exit 2.
     """
+    import threading
+
     import torch
+    from tqdm.auto import tqdm
 
     torch.set_num_threads(threads)
+    # tqdm's default lock is a multiprocessing semaphore: a killed worker would leave it behind
+    # ("leaked semaphore" at the parent's exit); a quiet worker needs no lock across processes
+    tqdm.set_lock(threading.RLock())
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         with storage_errors(settings.storage or "the study's storage"):
@@ -306,7 +324,7 @@ def worker_main(settings: SearchSettings, index: int, threads: int, errors: Any 
         if errors is None:
             print(f"kvtuner: error: worker {index}: {exc}", file=sys.stderr)
         else:
-            errors.put(f"worker {index}: {exc}")
+            errors.send(f"worker {index}: {exc}")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -88,10 +88,10 @@ def test_stacked_keys_and_values_give_the_same_tokens_as_two_stores(monkeypatch,
     stacked, kind = run()
     assert kind is store_module.StackedKV
 
-    def separate(key_bits, value_bits, *, kivi, group_size, block_size):
+    def separate(key_bits, value_bits, *, kivi, group_size, block_size, smooth):
         return store_module.SeparateKV(
-            store_module.make_store(key_bits, per_channel=kivi, group=group_size),
-            store_module.make_store(value_bits, per_channel=False, group=group_size),
+            store_module.make_store(key_bits, per_channel=kivi, group=group_size, smooth=smooth),
+            store_module.make_store(value_bits, per_channel=False, group=group_size, smooth=smooth),
         )
 
     monkeypatch.setattr(cache_module, "make_kv_stores", separate)
