@@ -33,8 +33,8 @@ def test_show_spec_with_model_json(capsys, tiny_folder):
     assert data["scheme"] == "per-token"
     assert data["layers"][3] == {"layer": 3, "key_bits": 4, "value_bits": 4}
     # per-token KV4, head_dim 16: scale + zero at 16 bits per 16 values = 2 bits, and at 4096
-    # tokens the 4 sinks at 16 bits: (4092 * 6 + 4 * 16) / 4096
-    assert data["effective_bits"] == pytest.approx((4092 * 6 + 4 * 16) / 4096)
+    # tokens the 4 sinks at 16 bits and one 16-bit channel scale per channel (smoothing)
+    assert data["effective_bits"] == pytest.approx((4092 * 6 + 4 * 16 + 16) / 4096)
 
 
 def test_show_file_table(capsys, tmp_path):
