@@ -61,6 +61,7 @@ class CalibrationSettings:
     residual_length: int | None = None
     block_size: int = defaults.KIVI_BLOCK_SIZE
     sink_tokens: int = defaults.SINK_TOKENS
+    smooth: bool = defaults.SMOOTH
     seed: int = 0
     text: str | None = None
     layer_kl: bool = True
@@ -84,7 +85,9 @@ class CalibrationSettings:
     @property
     def layout(self) -> Layout:
         s = self.resolved()
-        return Layout(s.scheme, s.group_size, s.block_size, s.residual_length, s.sink_tokens)
+        return Layout(
+            s.scheme, s.group_size, s.block_size, s.residual_length, s.sink_tokens, s.smooth
+        )
 
     @property
     def quant_scheme(self) -> QuantScheme:
@@ -207,6 +210,7 @@ def calibrate(
         "block_size": s.block_size,
         "residual_length": s.residual_length,
         "sink_tokens": s.sink_tokens,
+        "smooth": s.smooth,
         "bits": list(s.bits),
         "pairs": [p.name for p in pairs],
         "text": s.text or "pydoc_data.topics",
@@ -268,6 +272,7 @@ def measure_layer_kl(
         block_size=s.block_size,
         residual_length=s.residual_length,
         sink_tokens=s.sink_tokens,
+        smooth=s.smooth,
     )
     candidates = prune_table(table)
     kl_table = layer_kl_table(evaluator, base, candidates, progress=progress)
@@ -395,5 +400,6 @@ def base_config(metadata: dict[str, Any]) -> Any:
         block_size=metadata.get("block_size") or defaults.KIVI_BLOCK_SIZE,
         residual_length=metadata.get("residual_length"),
         sink_tokens=metadata.get("sink_tokens", defaults.SINK_TOKENS),
+        smooth=metadata.get("smooth", defaults.SMOOTH),
         model=metadata.get("model"),
     )

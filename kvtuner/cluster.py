@@ -229,6 +229,7 @@ def build_search_space(
         residual_length=int(layout.get("residual_length") or 0),
         block_size=int(layout.get("block_size") or defaults.KIVI_BLOCK_SIZE),
         sink_tokens=int(layout.get("sink_tokens", defaults.SINK_TOKENS)),
+        smooth=bool(layout.get("smooth", defaults.SMOOTH)),
         unpruned_candidates=unpruned,
         metadata=info,
     )

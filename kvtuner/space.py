@@ -41,6 +41,7 @@ class SearchSpace:
     residual_length: int = 0
     block_size: int = defaults.KIVI_BLOCK_SIZE
     sink_tokens: int = defaults.SINK_TOKENS
+    smooth: bool = defaults.SMOOTH
     unpruned_candidates: int = 9
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -69,6 +70,7 @@ class SearchSpace:
             "residual_length": self.residual_length,
             "block_size": self.block_size,
             "sink_tokens": self.sink_tokens,
+            "smooth": self.smooth,
         }
 
     @property
@@ -104,6 +106,7 @@ class SearchSpace:
             "block_size": self.block_size,
             "residual_length": self.residual_length,
             "sink_tokens": self.sink_tokens,
+            "smooth": self.smooth,
             "unpruned_candidates": self.unpruned_candidates,
             "size": self.size,
             "log10_size": round(self.log10_size, 4),
@@ -147,6 +150,7 @@ class SearchSpace:
                 residual_length=int(data.get("residual_length") or 0),
                 block_size=int(data.get("block_size") or defaults.KIVI_BLOCK_SIZE),
                 sink_tokens=int(data.get("sink_tokens", defaults.SINK_TOKENS)),
+                smooth=bool(data.get("smooth", defaults.SMOOTH)),
                 unpruned_candidates=int(data.get("unpruned_candidates", 9)),
                 metadata=dict(data.get("metadata") or {}),
             )

@@ -73,6 +73,13 @@ def calibrate(
         int,
         typer.Option("--sink-tokens", min=0, help="First tokens kept in full precision."),
     ] = defaults.SINK_TOKENS,
+    smooth: Annotated[
+        bool,
+        typer.Option(
+            "--smooth/--no-smooth",
+            help="Per-token groups see channels divided by their prompt-time peak.",
+        ),
+    ] = defaults.SMOOTH,
     seed: SeedOption = 0,
     layer_kl: Annotated[
         bool,
@@ -129,6 +136,7 @@ def calibrate(
         block_size=block_size,
         residual_length=residual_length,
         sink_tokens=sink_tokens,
+        smooth=smooth,
         seed=seed,
         text=str(text) if text is not None else None,
         layer_kl=layer_kl,
