@@ -30,6 +30,7 @@ from kvtuner.search.study import (
     open_storage,
     redact,
     space_fingerprint,
+    study_attrs,
     study_exists,
 )
 from kvtuner.space import SearchSpace
@@ -211,9 +212,7 @@ def prepare(
         evaluation=settings.evaluation(),
     )
     if study_exists(storage, study_name):
-        import optuna
-
-        stored = optuna.load_study(study_name=study_name, storage=storage).user_attrs
+        stored = study_attrs(storage, study_name)
         signature.check(stored, f"study '{study_name}' in {redact(storage_url)}")
         cap = float(stored["cap"])  # the constraint stays the one the study was created with
     problem = SearchProblem(space, cap=cap, group_errors=errors)

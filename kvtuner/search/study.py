@@ -326,9 +326,8 @@ def open_study(
     """Load study `name` after checking its signature, or create it (create=True) and record the signature."""
     label = f"study '{name}'" + (f" in {where}" if where else "")
     if study_exists(storage, name):
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        signature.check(study.user_attrs, label)
-        return study
+        signature.check(study_attrs(storage, name), label)
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     if not create:
         raise ConfigError(f"{label}: no such study (run `kvtuner search` first)")
     study = optuna.create_study(
@@ -339,12 +338,27 @@ def open_study(
         load_if_exists=True,
     )
     if "kvtuner_study" not in study.user_attrs:
-        study.set_user_attr("kvtuner_study", STUDY_FORMAT)
         for key, value in asdict(signature).items():
             study.set_user_attr(key, value)
-    else:  # another worker created it first
-        signature.check(study.user_attrs, label)
+        study.set_user_attr("kvtuner_study", STUDY_FORMAT)  # last: the signature is complete
+    # another worker may have created it (or written its signature) at the same moment
+    signature.check(study_attrs(storage, name), label)
     return study
+
+
+def study_attrs(storage: BaseStorage, name: str, wait: float = 10.0) -> dict[str, Any]:
+    """User attributes of study `name`. A worker writes the signature just after creating the
+    study, so an empty study without one is given `wait` seconds to get it."""
+    study_id = storage.get_study_id_from_name(name)
+    deadline = time.monotonic() + wait
+    while True:
+        # trials first: a creator writes its signature before any trial, so trials counted
+        # before reading the attributes mean the signature is in them or the study is foreign
+        has_trials = storage.get_n_trials(study_id) > 0
+        attrs = storage.get_study_user_attrs(study_id)
+        if "kvtuner_study" in attrs or has_trials or time.monotonic() > deadline:
+            return attrs
+        time.sleep(0.2)
 
 
 def load_existing_study(storage: BaseStorage, name: str, where: str = "") -> optuna.Study:

@@ -168,3 +168,23 @@ def test_evaluation_records_device_and_dtype_and_old_studies_still_match():
     )
     old_proxy = json.dumps({"dtype": "default", "objective": "proxy"})
     assert evaluation_difference(old_proxy, SearchSettings(objective="proxy").evaluation()) is None
+
+
+def test_a_study_whose_creator_has_not_yet_written_its_signature_is_waited_for(tmp_path):
+    """Workers starting together: one creates the study, another opens it before the signature."""
+    import threading
+    import time
+
+    storage = open_storage(str(tmp_path / "s.db"))
+    created = optuna.create_study(study_name="st", storage=storage, directions=["minimize"] * 2)
+
+    def creator_finishes() -> None:  # what open_study does after creating
+        time.sleep(0.5)
+        for key, value in {**SIGNATURE.__dict__, "kvtuner_study": 1}.items():
+            created.set_user_attr(key, value)
+
+    thread = threading.Thread(target=creator_finishes)
+    thread.start()
+    study = open_study(storage, "st", SIGNATURE, where="here")
+    thread.join()
+    assert study.user_attrs["kvtuner_study"] == 1 and study.user_attrs["model"] == "m"
