@@ -74,8 +74,8 @@ class TrialLoop:
         study = self.study
         trial = compat.ask(study)
         trial_id = compat.trial_id(trial)
+        mark_worker(study, trial_id)  # first: a dead local worker's trial is then failed at once
         with compat.Heartbeat(study, trial_id):
-            mark_worker(study, trial_id)
             try:
                 key = self.suggest(trial)
                 frozen = compat.frozen(study, trial_id)
