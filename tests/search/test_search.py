@@ -25,9 +25,7 @@ CAPS = (3.0, 3.5, 4.0, 6.0)
 
 
 def settings(checkpoint: Path, **kwargs) -> SearchSettings:
-    """The paper's setting: the grouped space of `kvtuner prune`, caps on equivalent bits."""
-    base = dict(model=str(checkpoint), objective="proxy", trials=14, population=4, caps=CAPS,
-                space="groups", budget="equivalent")  # fmt: skip
+    base = dict(model=str(checkpoint), objective="proxy", trials=14, population=4, caps=CAPS)
     return SearchSettings(**{**base, **kwargs})
 
 
@@ -35,14 +33,13 @@ def check_outputs(out: Path, caps=CAPS) -> pd.DataFrame:
     """pareto.csv is a front (bits up, loss down), and each YAML loads, is under its cap and best there."""
     front = pd.read_csv(out / "pareto.csv")
     assert (out / "pareto.png").stat().st_size > 10_000
-    assert list(front.columns[:4]) == ["bits", "equivalent_bits", "effective_bits", "proxy"]
-    assert front["bits"].is_monotonic_increasing
+    assert list(front.columns[:3]) == ["equivalent_bits", "effective_bits", "proxy"]
+    assert front["equivalent_bits"].is_monotonic_increasing
     assert front["proxy"].is_monotonic_decreasing
-    assert set(front["source"]) <= {"uniform", "knapsack", "greedy", "nsga"}
     for cap in caps:
         cfg = load_config(out / config_filename(cap), num_layers=TINY_LAYERS)
         assert cfg.equivalent_bits <= cap
-        best_on_front = front[front["bits"] <= cap]["proxy"].min()
+        best_on_front = front[front["equivalent_bits"] <= cap]["proxy"].min()
         assert cfg.metadata["value"] == pytest.approx(best_on_front, rel=1e-5)
         assert cfg.metadata["objective"] == "proxy" and cfg.metadata["model"] == "tiny-llama"
         assert cfg.metadata["found_by"].startswith("kvtuner search")
@@ -58,10 +55,10 @@ def test_backend_finds_the_front_and_exports_under_caps(workdir, tiny_checkpoint
     front = check_outputs(out)
     # uniform configs are seeded: every one under the cap is evaluated and KV2, the cheapest, is on the front
     assert {"KV8", "K8V4", "KV4", "K4V2", "KV2"} <= set(outcome.export.front["uniform"]) | {"KV8"}
-    assert front["bits"].min() == 2.0
+    assert front["equivalent_bits"].min() == 2.0
     # the proxy is additive: the mixed 3.5-bit config beats uniform K4V2 (3.0) and costs less than KV4
     assert (
-        front[front["bits"] == 3.5]["proxy"].item()
+        front[front["equivalent_bits"] == 3.5]["proxy"].item()
         < front[front["uniform"] == "K4V2"]["proxy"].item()
     )
     study = optuna.load_study(
@@ -124,12 +121,6 @@ def test_killed_search_resumes(workdir, tiny_checkpoint, monkeypatch):
         "proxy",
         "--population",
         "4",
-        "--space",
-        "groups",
-        "--budget",
-        "equivalent",
-        "--max-bits",
-        "3,3.5,4,6",
         "--json",
     ]
     code = "import sys; from kvtuner.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -184,7 +175,6 @@ def test_kl_objective_on_the_real_cache(workdir, tiny_checkpoint):
             continuation=8,
             chunk=4,
             caps=(3.0, 6.0),
-            rescore_samples=0,
         ),
         quiet=True,
     )
@@ -208,8 +198,7 @@ def test_export_is_repeatable(workdir, tiny_checkpoint):
 
 def test_missing_space_runs_calibrate_and_prune_first(tmp_path, monkeypatch, tiny_checkpoint):
     monkeypatch.chdir(tmp_path)
-    outcome = run_search(settings(tiny_checkpoint, trials=6, max_size=25), quiet=True)
+    outcome = run_search(settings(tiny_checkpoint, trials=6, max_groups=2), quiet=True)
     folder = tmp_path / "calibration" / "tiny-llama" / "per-token"
     assert (folder / "sensitivity.csv").is_file() and (folder / "space.yaml").is_file()
-    assert (folder / "layer_kl.csv").is_file()
-    assert outcome.space_size <= 25 and outcome.trials == 6
+    assert outcome.groups <= 2 and outcome.trials == 6
