@@ -128,9 +128,17 @@ def token_samples(
 
 
 def calibration_windows(
-    tokenizer: Any, text: str, context: int, *, skip: int, count: int, seed: int = 0
+    tokenizer: Any,
+    text: str,
+    context: int,
+    *,
+    skip: int,
+    count: int,
+    seed: int = 0,
+    extra: int | None = None,
 ) -> torch.LongTensor:
-    """Calibration-side evaluation samples `[count, context + defaults.SEARCH_CONTINUATION]`.
+    """Calibration-side evaluation samples `[count, context + extra]` (extra defaults to
+    `defaults.SEARCH_CONTINUATION`).
 
     One window length and one order for every calibration-side use, so that their windows never
     overlap: the single-layer KL takes windows 0..15, the search's trials the next ones, and its
@@ -138,5 +146,5 @@ def calibration_windows(
     """
     from kvtuner import defaults
 
-    seq_len = context + defaults.SEARCH_CONTINUATION
+    seq_len = context + (extra or defaults.SEARCH_CONTINUATION)
     return token_samples(tokenizer, text, count, seq_len, seed, skip=skip)

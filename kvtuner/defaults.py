@@ -35,7 +35,7 @@ MIN_SAMPLES = 2  # DBSCAN, when `--eps` asks for the paper's clustering
 BUDGET = "effective"  # or "equivalent" (the paper's mean of (k + v) / 2)
 BUDGET_CONTEXT = 4096  # tokens at which effective bits are counted (batch 1)
 BUDGET_DTYPE_BITS = 16  # effective bits count scales and full-precision parts at 16 bits
-CAPS = (3.0, 3.5, 4.0, 6.0)
+CAPS = (3.5, 4.0, 4.5, 5.0, 6.0)  # on the budget's axis: effective bits by default
 
 # -- search ---------------------------------------------------------------------------------------
 TRIALS = 150

@@ -226,6 +226,13 @@ LOSS_LABELS = {
 }
 
 
+SOURCE_STYLES = {  # how each kind of config is drawn on the Pareto plot
+    "nsga": dict(s=12, color="0.7", label="NSGA-II proposals"),
+    "knapsack": dict(s=22, marker="^", color="tab:green", label="knapsack front (seeds)"),
+    "greedy": dict(s=22, marker="v", color="tab:orange", label="greedy by e_o (seeds)"),
+}
+
+
 def plot_pareto(
     trials: pd.DataFrame,
     front: pd.DataFrame,
@@ -234,63 +241,38 @@ def plot_pareto(
     objective: str,
     caps: Sequence[float] = (),
     title: str = "",
+    bits_label: str = "budget bits",
 ) -> Path:
-    """Every evaluated config as a grey dot, the Pareto front as a step line, uniform configs labeled.
+    """Every evaluated config as a dot coloured by where it came from, the Pareto front as a step
+    line, uniform configs labeled, the caps as vertical lines.
 
-    `trials` and `front` have columns `equivalent_bits`, `loss`, `uniform` (pair name or "").
+    `trials` and `front` have columns `bits`, `loss`, `source` and `uniform` (pair name or "").
     The loss axis is logarithmic when every loss is positive and they span more than a decade.
     """
     plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if not trials.empty:
-        ax.scatter(
-            trials["equivalent_bits"],
-            trials["loss"],
-            s=12,
-            color="0.7",
-            label="evaluated configs",
-            zorder=1,
-        )
+    for source, style in SOURCE_STYLES.items():
+        part = trials[trials["source"] == source] if not trials.empty else trials
+        if not part.empty:
+            ax.scatter(part["bits"], part["loss"], zorder=1, **style)
     if not front.empty:
-        ax.step(
-            front["equivalent_bits"],
-            front["loss"],
-            where="post",
-            color="tab:blue",
-            lw=1.5,
-            zorder=2,
-            label="Pareto front",
-        )
-        ax.scatter(front["equivalent_bits"], front["loss"], s=18, color="tab:blue", zorder=3)
+        ax.step(front["bits"], front["loss"], where="post", color="tab:blue", lw=1.5, zorder=2,
+                label="Pareto front")  # fmt: skip
+        ax.scatter(front["bits"], front["loss"], s=18, color="tab:blue", zorder=3)
     uniform = trials[trials["uniform"] != ""] if not trials.empty else trials
     if not uniform.empty:
-        ax.scatter(
-            uniform["equivalent_bits"],
-            uniform["loss"],
-            marker="s",
-            s=40,
-            facecolor="none",
-            edgecolor="tab:red",
-            lw=1.5,
-            zorder=4,
-            label="uniform configs",
-        )
+        ax.scatter(uniform["bits"], uniform["loss"], marker="s", s=40, facecolor="none",
+                   edgecolor="tab:red", lw=1.5, zorder=4, label="uniform configs")  # fmt: skip
         for _, row in uniform.iterrows():
-            ax.annotate(
-                row["uniform"],
-                (row["equivalent_bits"], row["loss"]),
-                textcoords="offset points",
-                xytext=(5, 5),
-                fontsize=8,
-                color="tab:red",
-            )
+            ax.annotate(row["uniform"], (row["bits"], row["loss"]), textcoords="offset points",
+                        xytext=(5, 5), fontsize=8, color="tab:red")  # fmt: skip
     for i, cap in enumerate(sorted(caps)):
         ax.axvline(cap, color="0.5", ls=":", lw=0.8, label="bit caps" if i == 0 else None)
     losses = trials["loss"] if not trials.empty else pd.Series(dtype=float)
     if len(losses) and (losses > 0).all() and losses.max() > 10 * losses.min():
         ax.set_yscale("log")
-    ax.set_xlabel("equivalent bits (mean of (key + value) / 2 over layers)")
+    ax.set_xlabel(bits_label)
     ax.set_ylabel(LOSS_LABELS.get(objective, objective))
     if title:
         ax.set_title(title, fontsize=10)

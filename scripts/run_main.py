@@ -1,9 +1,9 @@
 """The main job, end to end on one model (what `make run` runs).
 
-calibrate -> prune -> search -> export, written under `--out` (default runs/<model>/), then one table
-on held-out text: every uniform config and every searched config, with equivalent bits, effective
-bits, KL to full precision and perplexity, all scored on the same samples (more than the search used,
-picked with another seed).
+calibrate (e_o and single-layer KL) -> prune -> allocate (exact knapsack) -> search (NSGA-II from
+the knapsack front) -> export, written under `--out` (default runs/<model>/), then the ablation on
+held-out text: per cap, the best uniform config, the greedy allocation by e_o, the knapsack and the
+search, with KL, standard errors and paired differences to the knapsack (scripts/ablation.py).
 
     .venv/bin/python scripts/run_main.py --model gemma-3-270m
 """
@@ -15,24 +15,22 @@ import sys
 import time
 from pathlib import Path
 
-from kvtuner.cli import main as kvtuner
-from kvtuner.config import PrecisionConfig, load_config
-from kvtuner.evaluate import EvalProtocol, Evaluator, eval_samples
-from kvtuner.models import load_model
-from kvtuner.search.export import config_filename
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: ablation
 
-UNIFORM = ("KV8", "K8V4", "KV4", "K4V2", "KV2")
+import ablation  # noqa: E402
+
+from kvtuner import defaults  # noqa: E402
+from kvtuner.cli import main as kvtuner  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma-3-270m")
-    parser.add_argument("--scheme", default="per-token", choices=("per-token", "kivi"))
+    parser.add_argument("--scheme", default=defaults.SCHEME, choices=("per-token", "kivi"))
     parser.add_argument("--out", type=Path, help="output root (default runs/<model>)")
-    parser.add_argument("--caps", default="3.0,3.5,4.0,6.0")
-    parser.add_argument("--trials", type=int, default=120)
-    parser.add_argument("--max-groups", type=int, default=6)
-    parser.add_argument("--eval-samples", type=int, default=6)
+    parser.add_argument("--caps", default=",".join(f"{c:g}" for c in defaults.CAPS))
+    parser.add_argument("--trials", type=int, default=defaults.TRIALS)
+    parser.add_argument("--eval-samples", type=int, default=defaults.EVAL_SAMPLES)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -54,18 +52,28 @@ def main(argv: list[str] | None = None) -> int:
     calibration, searched = out / "calibration", out / "searched_configs"
     common = ["--model", args.model, "--scheme", args.scheme]
     step("calibrate", ["calibrate", *common, "--out", str(calibration), "--seed", str(args.seed)])
-    step(
-        "prune", ["prune", *common, "--out", str(calibration), "--max-groups", str(args.max_groups)]
-    )
-    space = calibration / args.model / args.scheme / "space.yaml"
+    step("prune", ["prune", *common, "--out", str(calibration)])
     results = searched / args.model / args.scheme
+    step(
+        "allocate",
+        [
+            "allocate",
+            *common,
+            "--calibration",
+            str(calibration),
+            "--max-bits",
+            args.caps,
+            "--out",
+            str(results / "knapsack"),
+        ],  # fmt: skip
+    )
     step(
         "search + export",
         [
             "search",
             *common,
-            "--space",
-            str(space),
+            "--calibration",
+            str(calibration),
             "--out",
             str(results),
             "--trials",
@@ -74,45 +82,32 @@ def main(argv: list[str] | None = None) -> int:
             args.caps,
             "--seed",
             str(args.seed),
-        ],
+        ],  # fmt: skip
     )
-
-    print("\n== held-out table", file=sys.stderr, flush=True)
-    loaded = load_model(args.model)
-    protocol = EvalProtocol(context=512, continuation=128, chunk=32)
-    # another seed than the search's samples: the table is not scored on what the search optimised
-    samples = eval_samples(loaded.tokenizer, None, args.eval_samples, protocol, seed=args.seed + 1)
-    evaluator = Evaluator(loaded.model, samples, protocol, progress=True)
-    rows: list[tuple[str, PrecisionConfig]] = [
-        (name, PrecisionConfig.uniform(name, loaded.num_layers, scheme=args.scheme))
-        for name in UNIFORM
-    ]
-    for cap in (float(c) for c in args.caps.split(",")):
-        path = results / config_filename(cap)
-        if path.is_file():
-            rows.append((f"kvtuner C{cap:g}", load_config(path, num_layers=loaded.num_layers)))
-    from kvtuner.compat import model_shape
-
-    shape = model_shape(loaded.model.config)
-    lines = [
-        f"{args.model}, {args.scheme}: held-out text, {args.eval_samples} samples x (512 context + 128 scored)",
-        "",
-        "| config | equivalent bits | effective bits @4096 | KL (± s.e.) | perplexity |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, config in rows:
-        result = evaluator.evaluate(config)
-        lines.append(
-            f"| {name} | {config.equivalent_bits:.2f} | {config.effective_bits(shape, 4096):.2f} | "
-            f"{result.kl:.4f} ± {result.kl_stderr:.4f} | {result.ppl:.2f} |"
-        )
-    lines.append(f"| full precision | 16.00 | 16.00 | 0 | {result.reference_ppl:.2f} |")
-    print("\n".join(lines))
+    print("\n== ablation on held-out text", file=sys.stderr, flush=True)
+    table = ablation.main(
+        [
+            "--model",
+            args.model,
+            "--scheme",
+            args.scheme,
+            "--caps",
+            args.caps,
+            "--samples",
+            str(args.eval_samples),
+            "--calibration",
+            str(calibration),
+            "--configs",
+            str(searched),
+            "--out",
+            str(out),
+        ]  # fmt: skip
+    )
     print(
         f"\nmake run finished in {(time.perf_counter() - started) / 60:.1f} min; outputs under {out}/",
         file=sys.stderr,
     )
-    return 0
+    return table
 
 
 if __name__ == "__main__":

@@ -40,7 +40,11 @@ def test_every_baseline_fits_its_cap_and_the_knapsack_minimises_the_sum(budget):
             assert budget_bits(config, SHAPE, budget, 1000) <= cap + 1e-9
         summed = {
             kind: sum(losses[(i, p)] for i, p in enumerate(config.layers))
-            for kind, config in (("greedy", greedy[cap]), ("knapsack", knapsack[cap]), ("uniform", uniform))
+            for kind, config in (
+                ("greedy", greedy[cap]),
+                ("knapsack", knapsack[cap]),
+                ("uniform", uniform),
+            )
         }
         assert summed["knapsack"] <= summed["greedy"] + 1e-12
         assert summed["knapsack"] <= summed["uniform"] + 1e-12

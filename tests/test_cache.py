@@ -378,7 +378,9 @@ def test_smoothed_stores_fix_their_channel_scale_after_the_warmup():
     rest[..., 3] *= 30.0
     store.append(rest)  # 45 tokens seen: the scale is the peak over both appends
     expected = torch.cat([first, rest], dim=-2).abs().amax(-2, keepdim=True)
-    assert torch.allclose(store.channel_scale, expected.clamp_min(expected.mean(-1, keepdim=True) * 1e-2))
+    assert torch.allclose(
+        store.channel_scale, expected.clamp_min(expected.mean(-1, keepdim=True) * 1e-2)
+    )
     assert store.smooth_from == 5 and store.peak is None
     later = torch.randn(1, 2, 3, 16, generator=gen)
     store.append(later)

@@ -60,9 +60,9 @@ def eval_command(
     """Quality of a precision config with the real quantized cache, against full precision."""
     from kvtuner.config import load_config, load_config_without_model
     from kvtuner.data import heldout_text
+    from kvtuner.defaults import BUDGET_CONTEXT as EFFECTIVE_BITS_CONTEXT
     from kvtuner.evaluate import EvalProtocol, Evaluator, accuracy, eval_samples, load_tasks
     from kvtuner.models import load_model
-    from kvtuner.search.scoring import EFFECTIVE_BITS_CONTEXT
 
     protocol = EvalProtocol(context, continuation, chunk)
     early = load_config_without_model(

@@ -1,4 +1,4 @@
-"""`kvtuner search`: NSGA-II over layer groups (quality loss, equivalent bits), then export."""
+"""`kvtuner search`: NSGA-II from the knapsack front (quality loss, budget bits), then export."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from typing import Annotated, Any
 
 import typer
 
+from kvtuner import defaults
 from kvtuner.cli.app import app
 from kvtuner.cli.common import (
     DEFAULT_MODEL,
+    BudgetContextOption,
+    BudgetOption,
     CapsOption,
     ChunkOption,
-    ContextOption,
     ContinuationOption,
     DeviceOption,
     DtypeOption,
@@ -21,6 +23,7 @@ from kvtuner.cli.common import (
     MaxNewTokensOption,
     ModelOption,
     SeedOption,
+    check_budget,
     emit_json,
     parse_caps,
 )
@@ -44,14 +47,22 @@ def search(
     model: ModelOption = DEFAULT_MODEL,
     scheme: Annotated[
         str | None,
-        typer.Option("--scheme", help="per-token or kivi (default: the space's, else per-token)."),
+        typer.Option(
+            "--scheme", help="per-token or kivi (default: a space file's, else per-token)."
+        ),
     ] = None,
     max_bits: CapsOption = None,
+    budget: BudgetOption = defaults.BUDGET,
+    context: BudgetContextOption = defaults.BUDGET_CONTEXT,
     trials: Annotated[
         int,
-        typer.Option("--trials", help="Total completed trials of the study (a rerun continues)."),
-    ] = 150,
-    population: Annotated[int, typer.Option("--population", help="NSGA-II population size.")] = 20,
+        typer.Option(
+            "--trials", min=1, help="Total completed trials of the study (a rerun continues)."
+        ),
+    ] = defaults.TRIALS,
+    population: Annotated[
+        int, typer.Option("--population", min=2, help="NSGA-II population size.")
+    ] = defaults.POPULATION,
     objective: Annotated[
         str, typer.Option("--objective", help="kl, ppl, accuracy (needs --tasks) or proxy.")
     ] = "kl",
@@ -61,38 +72,62 @@ def search(
     storage: StorageOption = None,
     study_name: StudyOption = None,
     workers: Annotated[
-        int, typer.Option("--workers", help="Processes on this machine, each loading the model.")
+        int,
+        typer.Option("--workers", min=1, help="Processes on this machine, each loading the model."),
     ] = 1,
     space: Annotated[
-        Path | None,
+        str,
         typer.Option(
             "--space",
-            help="space.yaml (default calibration/<model>/<scheme>/space.yaml; made if missing).",
+            help="layers (one variable per layer over its Pareto pairs, the default), groups "
+            "(prune's clustered space.yaml), or a space.yaml path.",
         ),
-    ] = None,
+    ] = "layers",
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Output folder (default searched_configs/<model>/<scheme>)."),
     ] = None,
     calibration: Annotated[
-        Path, typer.Option("--calibration", help="Root of calibration outputs.")
+        Path, typer.Option("--calibration", help="Root of calibration outputs (made if missing).")
     ] = Path("calibration"),
-    max_groups: Annotated[
+    max_size: Annotated[
         int,
         typer.Option(
-            "--max-groups",
-            help="Layer groups when the space must be built first (calibrate + prune).",
+            "--max-size", min=1, help="Largest grouped space when it must be built (prune)."
         ),
-    ] = 6,
+    ] = defaults.MAX_SPACE_SIZE,
     samples: Annotated[
-        int, typer.Option("--samples", help="Held-out samples per evaluation (kl, ppl).")
-    ] = 2,
-    context: ContextOption = 512,
-    continuation: ContinuationOption = 64,
-    chunk: ChunkOption = 32,
+        int,
+        typer.Option("--samples", min=1, help="Calibration-side samples per trial (kl, ppl)."),
+    ] = defaults.SEARCH_SAMPLES,
+    eval_context: Annotated[
+        int | None,
+        typer.Option(
+            "--eval-context",
+            min=2,
+            help="Context tokens of a trial's samples (default: the calibration's, 512 or twice "
+            "the widest sliding window).",
+        ),
+    ] = None,
+    continuation: ContinuationOption = defaults.SEARCH_CONTINUATION,
+    chunk: ChunkOption = defaults.EVAL_CHUNK,
+    rescore_samples: Annotated[
+        int,
+        typer.Option(
+            "--rescore-samples",
+            min=0,
+            help="More samples the best candidates of each cap are scored on before export.",
+        ),
+    ] = defaults.RESCORE_SAMPLES,
+    rescore_top: Annotated[
+        int,
+        typer.Option("--rescore-top", min=0, help="Candidates per cap re-scored."),
+    ] = defaults.RESCORE_TOP,
     text: Annotated[
         Path | None,
-        typer.Option("--text", help="Evaluation text (default: shipped held-out text)."),
+        typer.Option(
+            "--text", help="Text the trials are scored on (default: the calibration text)."
+        ),
     ] = None,
     tasks: Annotated[
         Path | None,
@@ -104,14 +139,19 @@ def search(
     dtype: DtypeOption = None,
     json: JsonOption = False,
 ) -> None:
-    """Search layer-wise (key bits, value bits) under bit caps; write pareto.csv/png and kvtuner_c<bits>.yaml."""
+    """Search layer-wise (key bits, value bits) under bit caps from the exact knapsack front; write
+    pareto.csv/png and kvtuner_c<bits>.yaml."""
     from kvtuner.search import SearchSettings, run_search
 
     caps = parse_caps(max_bits)
+    check_budget(budget)
     options: dict[str, Any] = {
         "--model": model,
         "--scheme": scheme,
         "--max-bits": ",".join(f"{c:g}" for c in caps),
+        "--budget": budget,
+        "--context": context if budget == "effective" else None,
+        "--space": space,
         "--objective": objective,
         "--backend": backend,
         "--trials": trials,
@@ -127,6 +167,8 @@ def search(
         model=model,
         scheme=scheme,
         caps=caps,
+        budget=budget,
+        budget_context=context,
         trials=trials,
         population=population,
         objective=objective,
@@ -134,14 +176,16 @@ def search(
         storage=storage,
         study_name=study_name,
         workers=workers,
-        space=str(space) if space is not None else None,
+        space=space,
         out=str(out) if out is not None else None,
         calibration=str(calibration),
-        max_groups=max_groups,
+        max_size=max_size,
         samples=samples,
-        context=context,
+        context=eval_context,
         continuation=continuation,
         chunk=chunk,
+        rescore_samples=rescore_samples,
+        rescore_top=rescore_top,
         text=str(text) if text is not None else None,
         tasks=str(tasks) if tasks is not None else None,
         max_new_tokens=max_new_tokens,
@@ -190,6 +234,7 @@ def export_summary(export: Any, objective: str) -> dict[str, Any]:
                 "effective_bits": c.effective_bits,
                 "value": c.loss,
                 **c.metrics,
+                "source": c.source,
                 "layers": c.layers,
                 "trial": c.trial,
             }
@@ -211,10 +256,11 @@ def render(summary: dict[str, Any]) -> str:
         f"{summary['configs_evaluated']} distinct configs evaluated, {summary['front_size']} on the Pareto front"
     )
     lines.append("")
-    lines.append(f"{'cap':>5}  {'bits':>5}  {'eff.':>5}  {'value':>9}  layers")
+    lines.append(f"{'cap':>5}  {'eff.':>5}  {'equiv.':>6}  {'value':>9}  {'source':<8}  layers")
     for c in summary["configs"]:
         lines.append(
-            f"{c['cap']:>5g}  {c['equivalent_bits']:>5.2f}  {(c['effective_bits'] or 0):>5.2f}  {c['value']:>9.4g}  {c['layers']}"
+            f"{c['cap']:>5g}  {(c['effective_bits'] or 0):>5.2f}  {c['equivalent_bits']:>6.2f}  "
+            f"{c['value']:>9.4g}  {c.get('source', ''):<8}  {c['layers']}"
         )
     for cap in summary["missing_caps"]:
         lines.append(f"{cap:>5g}  no evaluated config under this cap")

@@ -1,7 +1,11 @@
 """Export a study: pareto.csv, pareto.png and the best config under each cap as `kvtuner_c<bits>.yaml`.
 
 Everything comes from the study itself (values, user attributes, study attributes), so `kvtuner
-export` works on any storage a search wrote, also while workers are still adding trials.
+export` works on any storage a search wrote, also while workers are still adding trials. `bits`
+is the budget's axis (effective bits at the study's context, or equivalent bits). Under each cap
+the config with the lowest re-scored loss wins where the search re-scored candidates on more
+samples (`kvtuner.search.rescore`), else the one with the lowest search loss. `source` says where
+a config came from: uniform, knapsack, greedy (seeds) or nsga (the search's own proposals).
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from typing import Any
 import optuna
 import pandas as pd
 
+from kvtuner import defaults
 from kvtuner.config import PrecisionConfig
 from kvtuner.io import atomic_path
 from kvtuner.search.problem import parse_layers_key
-from kvtuner.search.scoring import EFFECTIVE_BITS_CONTEXT
 from kvtuner.search.study import completed_trials
 
-DEFAULT_CAPS: tuple[float, ...] = (3.0, 3.5, 4.0, 6.0)
+DEFAULT_CAPS: tuple[float, ...] = defaults.CAPS
+RESCORED = "rescored"  # study user attribute: {layers key: {"loss", "samples", "per_sample"}}
 SCALAR_METRICS = ("kl", "ppl", "accuracy", "proxy")
 
 
@@ -37,6 +42,7 @@ class CapChoice:
     effective_bits: float
     layers: str
     metrics: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,9 +67,11 @@ def config_filename(cap: float) -> str:
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per distinct completed config: trial, loss, equivalent/effective bits, uniform pair, layers, metrics."""
+    """One row per distinct completed config: trial, loss, budget / equivalent / effective bits,
+    source, re-scored loss (NaN when not re-scored), uniform pair, metrics, layers."""
     rows = []
     seen: set[str] = set()
+    rescored = study.user_attrs.get(RESCORED) or {}
     for trial in completed_trials(study):
         key = trial.user_attrs.get("layers")
         if key is None or key in seen or trial.values is None:
@@ -71,59 +79,58 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         seen.add(key)
         pairs = parse_layers_key(key)
         metrics = trial.user_attrs.get("metrics") or {}
-        constraints = trial.constraints
+        again = rescored.get(key) or {}
         row = {
             "trial": trial.number,
             "loss": trial.values[0],
-            "equivalent_bits": trial.values[1],
+            "bits": trial.values[1],
+            "equivalent_bits": trial.user_attrs.get("equivalent_bits", trial.values[1]),
             "effective_bits": trial.user_attrs.get("effective_bits"),
-            "feasible": all(v <= 0 for v in constraints.values()),
+            "feasible": all(v <= 0 for v in trial.constraints.values()),
+            "source": trial.user_attrs.get("seed") or "nsga",
+            "rescored_loss": again.get("loss", float("nan")),
+            "rescored_samples": again.get("samples", 0),
             "uniform": pairs[0].name if len(set(pairs)) == 1 else "",
-            "seed": trial.user_attrs.get("seed", ""),
             **{m: metrics[m] for m in SCALAR_METRICS if m in metrics},
             "layers": key,
         }
         rows.append(row)
-    columns = [
-        "trial",
-        "loss",
-        "equivalent_bits",
-        "effective_bits",
-        "feasible",
-        "uniform",
-        "seed",
-        "layers",
-    ]
+    columns = ["trial", "loss", "bits", "equivalent_bits", "effective_bits", "feasible", "source",
+               "rescored_loss", "rescored_samples", "uniform", "layers"]  # fmt: skip
     return pd.DataFrame(rows, columns=None if rows else columns)
 
 
 def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
     """Feasible rows that no other feasible row beats on both loss and bits; sorted by bits."""
-    feasible = frame[frame["feasible"]].sort_values(["equivalent_bits", "loss", "trial"])
-    keep, best_loss = [], float("inf")
-    for index, row in feasible.iterrows():
-        if row["loss"] < best_loss:
-            keep.append(index)
-            best_loss = row["loss"]
-    return feasible.loc[keep].reset_index(drop=True)
+    from kvtuner.pareto import pareto_front as front_of
+
+    feasible = frame[frame["feasible"]].reset_index(drop=True)
+    keep = front_of(feasible[["loss", "bits"]].to_numpy(float))
+    return feasible.loc[keep].sort_values(["bits", "loss", "trial"]).reset_index(drop=True)
 
 
 def front_table(front: pd.DataFrame, objective: str) -> pd.DataFrame:
-    """pareto.csv: bits, the objective (accuracy as accuracy, others as the loss), other metrics, layers."""
+    """pareto.csv: bits, the objective (accuracy as accuracy, others as the loss), other metrics,
+    where each config came from, layers."""
     table = front.copy()
     if objective != "accuracy":
         table[objective] = table["loss"]
     metrics = [objective] + [m for m in SCALAR_METRICS if m in table.columns and m != objective]
-    columns = ["equivalent_bits", "effective_bits", *metrics, "trial", "uniform", "seed", "layers"]
+    columns = ["bits", "equivalent_bits", "effective_bits", *metrics, "rescored_loss", "trial",
+               "source", "uniform", "layers"]  # fmt: skip
     return table[[c for c in columns if c in table.columns]]
 
 
 def best_under(frame: pd.DataFrame, cap: float) -> pd.Series | None:
-    """The lowest-loss row with equivalent bits <= cap (ties: fewer bits, then earlier trial)."""
-    under = frame[frame["equivalent_bits"] <= cap + 1e-9]
+    """The best row with budget bits <= cap: the lowest re-scored loss among re-scored rows, else
+    the lowest loss (ties: fewer bits, then earlier trial)."""
+    under = frame[frame["bits"] <= cap + 1e-9]
     if under.empty:
         return None
-    return under.sort_values(["loss", "equivalent_bits", "trial"]).iloc[0]
+    rescored = under[under["rescored_loss"].notna()]
+    if not rescored.empty:
+        return rescored.sort_values(["rescored_loss", "bits", "trial"]).iloc[0]
+    return under.sort_values(["loss", "bits", "trial"]).iloc[0]
 
 
 def export_study(
@@ -146,8 +153,15 @@ def export_study(
         front_table(front, objective).to_csv(tmp, index=False, float_format="%.6g")
     png_path = out_dir / "pareto.png"
     title = f"{attrs.get('model', '')} {attrs.get('scheme', '')}: {len(frame)} configs".strip()
+    evaluation = json.loads(attrs["evaluation"]) if attrs.get("evaluation") else {}
+    if evaluation.get("budget", "equivalent") == "effective":
+        label = f"effective bits at {evaluation.get('budget_context')} tokens (16-bit scales)"
+    else:
+        label = "equivalent bits (mean of (key + value) / 2 over layers)"
     with atomic_path(png_path) as tmp:
-        plot_pareto(frame, front, tmp, objective=objective, caps=caps, title=title)
+        plot_pareto(
+            frame, front, tmp, objective=objective, caps=caps, title=title, bits_label=label
+        )
     choices, missing = [], []
     for cap in sorted(caps):
         row = None if frame.empty else best_under(frame, cap)
@@ -171,39 +185,49 @@ def _write_config(
     attrs = study.user_attrs
     objective = attrs.get("objective", "loss")
     metrics = {m: float(row[m]) for m in SCALAR_METRICS if m in row.index and pd.notna(row[m])}
+    evaluation = json.loads(attrs["evaluation"]) if attrs.get("evaluation") else {}
+    rescored = pd.notna(row.get("rescored_loss"))
     metadata = {
         "model": attrs.get("model"),
         "scheme": attrs.get("scheme"),
         "objective": objective,
-        "value": float(row["loss"]),
+        "value": float(row["rescored_loss"] if rescored else row["loss"]),
+        "search_value": float(row["loss"]),
+        "rescored_samples": int(row["rescored_samples"]) if rescored else 0,
         **{m: v for m, v in metrics.items() if m != objective},
         "cap": cap,
+        "budget": evaluation.get("budget", "equivalent"),
         "equivalent_bits": float(row["equivalent_bits"]),
         "effective_bits": None if pd.isna(row["effective_bits"]) else float(row["effective_bits"]),
-        "effective_bits_context": EFFECTIVE_BITS_CONTEXT,
+        "effective_bits_context": evaluation.get("budget_context", defaults.BUDGET_CONTEXT),
+        "source": row.get("source"),
         "trial": int(row["trial"]),
         "trials": trials,
         "study": study.study_name,
-        "evaluation": json.loads(attrs["evaluation"]) if attrs.get("evaluation") else None,
+        "evaluation": evaluation or None,
         "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "found_by": found_by or attrs.get("command") or "kvtuner search",
     }
+    layout = attrs.get("layout") or {
+        "scheme": attrs.get("scheme", "per-token"),
+        "group_size": attrs.get("group_size"),
+        "residual_length": attrs.get("residual_length"),
+    }
     config = PrecisionConfig(
         layers=tuple(parse_layers_key(row["layers"])),
-        scheme=attrs.get("scheme", "per-token"),
-        group_size=attrs.get("group_size"),
-        residual_length=attrs.get("residual_length"),
         model=attrs.get("model"),
         metadata=metadata,
+        **layout,
     )
     path = config.save(out_dir / config_filename(cap))
     return CapChoice(
         cap=cap,
         path=path,
         trial=int(row["trial"]),
-        loss=float(row["loss"]),
+        loss=float(metadata["value"]),
         equivalent_bits=float(row["equivalent_bits"]),
         effective_bits=metadata["effective_bits"],
         layers=str(row["layers"]),
         metrics=metrics,
+        source=str(row.get("source") or ""),
     )

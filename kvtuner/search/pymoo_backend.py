@@ -25,6 +25,7 @@ from pymoo.operators.mutation.pm import PM
 from pymoo.operators.repair.rounding import RoundingRepair
 from pymoo.problems.static import StaticProblem
 
+from kvtuner.pareto import pareto_fronts
 from kvtuner.search.problem import Choices, SearchProblem
 from kvtuner.search.scoring import Scorer
 from kvtuner.search.study import completed_by_key, completed_trials
@@ -60,19 +61,17 @@ def initial_population(
 ) -> np.ndarray:
     """Best ranked completed trials (non-dominated fronts in turn), the seeds, then random draws inside the cap."""
     rows: list[Choices] = []
-    remaining = [
+    done = [
         t
         for t in completed_trials(study)
-        if t.values is not None and t.values[1] <= problem.cap + 1e-9
+        if t.values is not None
+        and t.values[1] <= problem.cap + 1e-9
+        and all(n in t.params for n in problem.names)
     ]
-    while remaining and len(rows) < size:
-        front = [t for t in remaining if not any(_dominates(o, t) for o in remaining)]
-        rows += [
-            problem.from_params(t.params)
-            for t in front
-            if all(n in t.params for n in problem.names)
-        ]
-        remaining = [t for t in remaining if t not in front]
+    for front in pareto_fronts(np.array([t.values for t in done]).reshape(-1, 2)):
+        rows += [problem.from_params(done[i].params) for i in front]
+        if len(rows) >= size:
+            break
     rows = list(dict.fromkeys(rows))[:size]
     for seed in seeds:
         if len(rows) < size and seed not in rows and problem.feasible(seed):
@@ -84,12 +83,6 @@ def initial_population(
         if draw_ not in rows:
             rows.append(draw_)
     return np.array([problem.indices(c) for c in rows], dtype=int)
-
-
-def _dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
-    return all(x <= y for x, y in zip(a.values, b.values)) and any(
-        x < y for x, y in zip(a.values, b.values)
-    )
 
 
 def run_pymoo(

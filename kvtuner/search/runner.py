@@ -24,6 +24,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from kvtuner import defaults
 from kvtuner.errors import KVTunerError
 from kvtuner.search.export import ExportResult, export_study
 from kvtuner.search.faults import reap_dead_local_workers
@@ -94,6 +95,7 @@ def run_search(
             progress.close()
         if warning is not None:
             print(f"kvtuner: warning: {warning}", file=sys.stderr)
+        rescore_study(prep, study, quiet)
         export = export_study(study, prep.out_dir, settings.caps, found_by=settings.command or None)
         after = len(completed_trials(study))
     return SearchOutcome(
@@ -112,7 +114,13 @@ def run_search(
 
 def make_scorer(prep: PreparedSearch, quiet: bool = False) -> Scorer:
     """The objective of `prep` behind the once-per-config scorer (loads the model unless proxy)."""
-    scorer = Scorer(prep.problem, build_objective(prep, quiet), prep.model_name, prep.shape)
+    scorer = Scorer(
+        prep.problem,
+        build_objective(prep, quiet),
+        prep.model_name,
+        prep.shape,
+        prep.settings.budget_context,
+    )
     evaluator = getattr(scorer.objective, "evaluator", None)
     if evaluator is not None:
         evaluator.reference()
@@ -158,15 +166,56 @@ def build_objective(prep: PreparedSearch, quiet: bool = False) -> Objective:
         return AccuracyObjective(
             model, tokenizer, load_tasks(settings.tasks), settings.max_new_tokens
         )
-    from kvtuner.data import heldout_text
-    from kvtuner.evaluate import Evaluator, eval_samples
-
-    protocol = settings.protocol()
-    samples = eval_samples(
-        tokenizer, heldout_text(settings.text), settings.samples, protocol, seed=settings.seed
-    )
-    evaluator = Evaluator(model, samples, protocol, progress=not quiet)
+    evaluator = search_evaluator(prep, skip=defaults.LAYER_KL_SAMPLES, count=settings.samples)
     return HeldoutObjective(evaluator, settings.objective)  # kl or ppl
+
+
+def search_evaluator(prep: PreparedSearch, *, skip: int, count: int, quiet: bool = True) -> Any:
+    """An Evaluator on calibration-side windows `skip .. skip + count - 1` (never the held-out
+    text, which judges the search's results; the single-layer KL used windows 0..15)."""
+    from kvtuner.data import calibration_text, calibration_windows
+    from kvtuner.evaluate import Evaluator
+
+    settings = prep.settings
+    if prep.loaded is None:
+        prep.loaded = load_for_search(settings, quiet)
+    protocol = settings.protocol(prep.context)
+    windows = calibration_windows(
+        prep.loaded.tokenizer,
+        calibration_text(settings.text),
+        protocol.context,
+        skip=skip,
+        count=count,
+        seed=settings.seed,
+        extra=max(protocol.continuation, defaults.SEARCH_CONTINUATION),
+    )
+    samples = windows[:, : protocol.seq_len]
+    return Evaluator(prep.loaded.model, samples, protocol, progress=not quiet)
+
+
+def rescore_study(prep: PreparedSearch, study: optuna.Study, quiet: bool = False) -> None:
+    """Re-score the best candidates of each cap on `--rescore-samples` more windows (kl only)."""
+    from kvtuner.search.problem import parse_layers_key
+    from kvtuner.search.rescore import rescore
+
+    settings = prep.settings
+    if settings.objective != "kl" or not settings.rescore_samples or not settings.rescore_top:
+        return
+    evaluator = search_evaluator(
+        prep,
+        skip=defaults.LAYER_KL_SAMPLES + settings.samples,
+        count=settings.rescore_samples,
+        quiet=quiet,
+    )
+    fields = prep.space.layout_fields
+
+    def evaluate(key: str) -> list[float]:
+        from kvtuner.config import PrecisionConfig
+
+        config = PrecisionConfig(layers=tuple(parse_layers_key(key)), **fields)
+        return list(evaluator.evaluate(config).per_sample_kl)
+
+    rescore(study, evaluate, settings.caps, settings.rescore_top, progress=not quiet)
 
 
 def _open(prep: PreparedSearch, index: int) -> optuna.Study:
@@ -175,9 +224,8 @@ def _open(prep: PreparedSearch, index: int) -> optuna.Study:
         prep.problem, population_size=settings.population, seed=_sampler_seed(settings, index)
     )
     study = open_study(prep.storage, prep.study_name, prep.signature, sampler, where=prep.where)
-    if "group_size" not in study.user_attrs:
-        study.set_user_attr("group_size", prep.space.group_size)
-        study.set_user_attr("residual_length", prep.space.residual_length)
+    if "layout" not in study.user_attrs:
+        study.set_user_attr("layout", prep.space.layout_fields)
         study.set_user_attr("groups", [list(g.layers) for g in prep.space.groups])
         study.set_user_attr("command", settings.command or "kvtuner search")
     return study

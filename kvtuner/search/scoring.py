@@ -1,8 +1,9 @@
 """Score one assignment for either backend: look it up among completed trials, else evaluate it.
 
-Values are `[loss, equivalent_bits]` (both minimized); the constraint is `equivalent_bits - cap`
-(feasible when <= 0). User attributes keep the per-layer assignment (`layers`, the dedupe key),
-effective bits and the objective's metrics, so export needs nothing but the study.
+Values are `[loss, budget bits]` (both minimized: effective bits at the budget's context by
+default, or equivalent bits); the constraint is `bits - cap` (feasible when <= 0). User attributes
+keep the per-layer assignment (`layers`, the dedupe key), equivalent and effective bits and the
+objective's metrics, so export needs nothing but the study.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Any
 
 import optuna
 
+from kvtuner import defaults
 from kvtuner.config import PrecisionConfig
 from kvtuner.search.objectives import Objective
 from kvtuner.search.problem import Choices, SearchProblem
 from kvtuner.search.study import completed_by_key
 
-EFFECTIVE_BITS_CONTEXT = 4096  # tokens at which effective bits are reported everywhere
+EFFECTIVE_BITS_CONTEXT = defaults.BUDGET_CONTEXT  # tokens at which effective bits are reported
 COPIED_ATTRS = ("layers", "equivalent_bits", "effective_bits", "metrics")
 
 
@@ -39,15 +41,14 @@ class Scorer:
     objective: Objective
     model: str
     shape: Any  # kvtuner.memory.ModelShape
+    context: int = EFFECTIVE_BITS_CONTEXT  # tokens at which effective bits are counted
 
     def config(self, choices: Choices) -> PrecisionConfig:
-        space = self.problem.space
+        """The PrecisionConfig of group choices, in the space's layout."""
         return PrecisionConfig(
             layers=tuple(self.problem.layers(choices)),
-            scheme=space.scheme,
-            group_size=space.group_size,
-            residual_length=space.residual_length,
             model=self.model,
+            **self.problem.space.layout_fields,
         )
 
     def score(self, study: optuna.Study, choices: Choices) -> Score:
@@ -63,8 +64,8 @@ class Scorer:
         attrs = {
             "layers": key,
             "worker": f"{socket.gethostname()}:{os.getpid()}",  # which process evaluated it
-            "equivalent_bits": bits,
-            "effective_bits": config.effective_bits(self.shape, EFFECTIVE_BITS_CONTEXT),
+            "equivalent_bits": config.equivalent_bits,
+            "effective_bits": config.effective_bits(self.shape, self.context),
             "metrics": measurement.metrics,
         }
         return Score([float(measurement.loss), bits], bits - self.problem.cap, attrs)

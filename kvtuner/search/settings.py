@@ -1,9 +1,13 @@
 """What a search run needs, checked before anything is loaded or written.
 
 `SearchSettings` is plain data (it also travels to worker processes); `prepare` resolves the
-model's shape, the search space (running calibrate + prune when it is missing), the sensitivity
-table, the problem, the seeds and the storage, and refuses bad input with one clear line before
-the study is touched.
+model's shape, the calibration (running `kvtuner calibrate` and `prune` first when it is missing),
+the search space, the budget's costs, the problem, the seeds and the storage, and refuses bad input
+with one clear line before the study is touched.
+
+Spaces: `layers` (the default) gives every layer its own variable over its Pareto pairs (by
+single-layer KL), the space the knapsack front lives in; `groups` is `kvtuner prune`'s space.yaml
+(the paper's clustered space); a path names any space.yaml.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from typing import Any
 
 import pandas as pd
 
+from kvtuner import defaults
 from kvtuner.errors import ConfigError
 from kvtuner.evaluate import EvalProtocol
+from kvtuner.memory import BUDGETS
 from kvtuner.precision import SCHEMES
-from kvtuner.search.export import DEFAULT_CAPS
 from kvtuner.search.objectives import OBJECTIVES
 from kvtuner.search.problem import Choices, SearchProblem
 from kvtuner.search.seeding import group_errors, seed_configs
@@ -36,6 +41,7 @@ from kvtuner.search.study import (
 from kvtuner.space import SearchSpace
 
 BACKENDS: tuple[str, ...] = ("optuna", "pymoo")
+SPACES: tuple[str, ...] = ("layers", "groups")
 DEFAULT_MODEL = "gemma-3-270m"
 
 
@@ -44,24 +50,28 @@ class SearchSettings:
     """Every option of `kvtuner search` (defaults as on the command line)."""
 
     model: str = DEFAULT_MODEL
-    scheme: str | None = None  # None: the space file's scheme, else per-token
-    caps: tuple[float, ...] = DEFAULT_CAPS
-    trials: int = 150
-    population: int = 20
+    scheme: str | None = None  # None: per-token (or a space file's scheme)
+    caps: tuple[float, ...] = defaults.CAPS
+    budget: str = defaults.BUDGET
+    budget_context: int = defaults.BUDGET_CONTEXT
+    trials: int = defaults.TRIALS
+    population: int = defaults.POPULATION
     objective: str = "kl"
     backend: str = "optuna"
     storage: str | None = None
     study_name: str | None = None
     workers: int = 1
-    space: str | None = None
+    space: str = "layers"  # layers, groups, or a space.yaml path
     out: str | None = None
     calibration: str = "calibration"
-    max_groups: int = 6
-    samples: int = 2
-    context: int = 512
-    continuation: int = 64
-    chunk: int = 32
-    text: str | None = None
+    max_size: int = defaults.MAX_SPACE_SIZE
+    samples: int = defaults.SEARCH_SAMPLES
+    context: int | None = None  # evaluation context; None: the calibration's single-layer KL one
+    continuation: int = defaults.SEARCH_CONTINUATION
+    chunk: int = defaults.EVAL_CHUNK
+    rescore_samples: int = defaults.RESCORE_SAMPLES
+    rescore_top: int = defaults.RESCORE_TOP
+    text: str | None = None  # None: the calibration text (never the held-out text)
     tasks: str | None = None
     max_new_tokens: int = 256
     seed: int = 0
@@ -81,23 +91,29 @@ class SearchSettings:
             )
         if self.scheme is not None and self.scheme not in SCHEMES:
             raise ConfigError(f"--scheme must be one of {', '.join(SCHEMES)}; got '{self.scheme}'")
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"--budget must be one of {', '.join(BUDGETS)}; got '{self.budget}'")
         if not self.caps or any(c <= 0 for c in self.caps):
             raise ConfigError(f"--max-bits must be positive numbers; got {list(self.caps)}")
-        for name in ("trials", "workers", "samples"):
+        for name in ("trials", "workers", "samples", "budget_context"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be at least 1; got {getattr(self, name)}")
+                option = "--context" if name == "budget_context" else f"--{name}"
+                raise ConfigError(f"{option} must be at least 1; got {getattr(self, name)}")
+        if self.rescore_samples < 0 or self.rescore_top < 0:
+            raise ConfigError("--rescore-samples and --rescore-top must be >= 0")
         if self.population < 2:
             raise ConfigError(f"--population must be at least 2; got {self.population}")
         if self.objective == "accuracy" and self.tasks is None:
             raise ConfigError(
                 "--objective accuracy needs --tasks FILE.jsonl ({question, answer} per line)"
             )
-        self.protocol()
+        self.protocol(defaults.EVAL_CONTEXT)
 
-    def protocol(self) -> EvalProtocol:
-        return EvalProtocol(self.context, self.continuation, self.chunk)
+    def protocol(self, context: int) -> EvalProtocol:
+        """The trials' protocol at `context` tokens (`--eval-context` when given)."""
+        return EvalProtocol(self.context or context, self.continuation, self.chunk)
 
-    def evaluation(self) -> str:
+    def evaluation(self, context: int = defaults.EVAL_CONTEXT) -> str:
         """The settings that make losses comparable across runs of one study (stored with it)."""
         if self.objective == "proxy":
             fields: dict[str, Any] = {"objective": "proxy"}
@@ -106,12 +122,16 @@ class SearchSettings:
         else:
             fields = {
                 "samples": self.samples,
-                "context": self.context,
+                "context": self.context or context,
                 "continuation": self.continuation,
                 "chunk": self.chunk,
                 "seed": self.seed,
-                "text": self.text or "heldout",
+                "text": self.text or "calibration",
+                "rescore_samples": self.rescore_samples,
             }
+        fields["budget"] = self.budget
+        if self.budget == "effective":
+            fields["budget_context"] = self.budget_context
         if self.objective != "proxy":  # losses of a float32 cpu and a bfloat16 gpu run do not mix
             from kvtuner.models import resolve_dtype
 
@@ -133,6 +153,9 @@ class PreparedSearch:
     space: SearchSpace
     space_path: Path
     sensitivity: pd.DataFrame | None
+    layer_kl: pd.DataFrame | None
+    base: Any  # a 16-bit PrecisionConfig in the calibration's layout
+    context: int  # evaluation context of the trials
     problem: SearchProblem
     seeds: list[Choices]
     seed_kinds: list[str]
@@ -152,7 +175,10 @@ class PreparedSearch:
 def prepare(
     settings: SearchSettings, *, loaded: Any = None, quiet: bool = False, calibrate: bool = True
 ) -> PreparedSearch:
-    """Resolve and check everything; run calibrate + prune first when the space file is missing."""
+    """Resolve and check everything; calibrate (and prune) first when the calibration is missing."""
+    from kvtuner.calibrate import base_config, load_layer_kl, load_sensitivity, output_folder
+    from kvtuner.compat import model_shape
+    from kvtuner.memory import budget_costs
     from kvtuner.models import load_model_config, model_name, text_config
 
     settings.validate()
@@ -160,40 +186,54 @@ def prepare(
     model_config = text_config(
         loaded.model.config if loaded is not None else load_model_config(settings.model)
     )
-    num_layers = int(model_config.num_hidden_layers)
-    head_dim = int(
-        getattr(model_config, "head_dim", None)
-        or model_config.hidden_size // model_config.num_attention_heads
-    )
-    from kvtuner.compat import model_shape
-
     shape = model_shape(model_config)
+    num_layers = shape.num_layers
     scheme = settings.scheme or "per-token"
-    if settings.space is not None:
-        space_path = Path(settings.space)
-    else:
-        space_path = Path(settings.calibration) / name / scheme / "space.yaml"
-        if not space_path.is_file() and calibrate:
-            loaded = loaded or load_for_search(settings, quiet)
-            space_path = run_calibration(
-                loaded, scheme, Path(settings.calibration), settings, quiet
-            )
-    space = SearchSpace.load(space_path)
-    scheme = settings.scheme or space.scheme
-    _check_space(space, space_path, name, num_layers, scheme)
-    sensitivity = _sensitivity(space, space_path, num_layers)
-    if settings.objective == "proxy" and sensitivity is None:
+    folder = output_folder(settings.calibration, name, scheme)
+    space_path = _space_path(settings, folder)
+    if space_path is not None and settings.scheme is None and space_path.is_file():
+        scheme = SearchSpace.load(space_path).scheme
+        folder = output_folder(settings.calibration, name, scheme)
+    needs = [folder / "sensitivity.csv"] + ([space_path] if space_path is not None else [])
+    if calibrate and not all(path.is_file() for path in needs):
+        loaded = loaded or load_for_search(settings, quiet)
+        run_calibration(loaded, scheme, Path(settings.calibration), settings, quiet)
+    sensitivity, meta = load_sensitivity(folder / "sensitivity.csv")
+    if int(meta["num_layers"]) != num_layers:
         raise ConfigError(
-            f"{space_path.parent / 'sensitivity.csv'}: the proxy objective needs the calibration's sensitivity.csv"
+            f"{folder}: num_layers: calibration has {meta['num_layers']} layers, model has {num_layers}"
         )
-    errors = group_errors(space, sensitivity) if sensitivity is not None else None
+    base = base_config(meta)
+    layer_kl = load_layer_kl(folder, num_layers)
+    if space_path is None:
+        space = per_layer_space(sensitivity, layer_kl, base, shape, settings)
+        space_path = folder / "layer_kl.csv" if layer_kl is not None else folder / "sensitivity.csv"
+    else:
+        space = SearchSpace.load(space_path)
+        _check_space(space, space_path, name, num_layers, scheme)
+    if settings.objective == "proxy" and sensitivity is None:
+        raise ConfigError(f"{folder / 'sensitivity.csv'}: the proxy objective needs it")
+    costs = budget_costs(
+        _layer_candidates(space),
+        base.layout,
+        shape,
+        budget=settings.budget,
+        context=settings.budget_context,
+    )
+    from kvtuner.search.problem import group_costs
 
-    smallest = SearchProblem(space, cap=max(settings.caps)).min_bits()
+    group_cost = group_costs(space, costs)
+    errors = group_errors(space, sensitivity)
+    losses = _losses(space, layer_kl)
+    smallest = SearchProblem(space, cap=max(settings.caps), costs=group_cost).min_bits()
     if min(settings.caps) < smallest - 1e-9:
         raise ConfigError(
             f"--max-bits {min(settings.caps):g}: below the smallest config in the space "
-            f"({smallest:g} equivalent bits, from {space_path})"
+            f"({smallest:.3g} {settings.budget} bits, from {space_path})"
         )
+    context = settings.context or int(
+        (meta.get("layer_kl") or {}).get("context") or _eval_context(model_config)
+    )
 
     out_dir = Path(settings.out) if settings.out else Path("searched_configs") / name / scheme
     storage_url = settings.storage or default_storage(out_dir)
@@ -209,24 +249,27 @@ def prepare(
         num_layers=num_layers,
         space=space_fingerprint(space),
         cap=cap,
-        evaluation=settings.evaluation(),
+        evaluation=settings.evaluation(context),
     )
     if study_exists(storage, study_name):
         stored = study_attrs(storage, study_name)
         signature.check(stored, f"study '{study_name}' in {redact(storage_url)}")
         cap = float(stored["cap"])  # the constraint stays the one the study was created with
-    problem = SearchProblem(space, cap=cap, group_errors=errors)
-    seeds = seed_configs(problem, errors, settings.caps)
+    problem = SearchProblem(space, cap=cap, group_errors=losses or errors, costs=group_cost)
+    seeds = seed_configs(problem, errors, settings.caps, losses)
     return PreparedSearch(
         settings=settings,
         model_name=name,
         num_layers=num_layers,
-        head_dim=head_dim,
+        head_dim=shape.head_dim,
         shape=shape,
         scheme=scheme,
         space=space,
         space_path=space_path,
         sensitivity=sensitivity,
+        layer_kl=layer_kl,
+        base=base,
+        context=context,
         problem=problem,
         seeds=[choices for choices, _ in seeds],
         seed_kinds=[kind for _, kind in seeds],
@@ -237,6 +280,90 @@ def prepare(
         signature=signature,
         loaded=loaded,
     )
+
+
+def per_layer_space(
+    sensitivity: pd.DataFrame,
+    layer_kl: pd.DataFrame | None,
+    base: Any,
+    shape: Any,
+    settings: SearchSettings,
+) -> SearchSpace:
+    """One variable per layer over its Pareto pairs: by (budget cost, single-layer KL) when the KL
+    table exists (a pair that costs more and loses more alone is never worth it), else by e_o."""
+    import numpy as np
+
+    from kvtuner.memory import budget_costs
+    from kvtuner.pareto import pareto_front
+    from kvtuner.precision import PrecisionPair
+    from kvtuner.prune import prune_table
+
+    pruned = prune_table(sensitivity)
+    candidates = [pruned[layer] for layer in range(shape.num_layers)]
+    if layer_kl is not None:
+        measured = [[] for _ in range(shape.num_layers)]
+        for row in layer_kl.itertuples(index=False):
+            measured[int(row.layer)].append(
+                (PrecisionPair(int(row.key_bits), int(row.value_bits)), float(row.kl))
+            )
+        costs = budget_costs(
+            [[p for p, _ in pairs] for pairs in measured],
+            base.layout,
+            shape,
+            budget=settings.budget,
+            context=settings.budget_context,
+        )
+        candidates = []
+        for layer, pairs in enumerate(measured):
+            points = np.array([[costs[layer][p], kl] for p, kl in pairs])
+            kept = [pairs[i][0] for i in pareto_front(points)]
+            candidates.append(tuple(sorted(kept, key=lambda p: (-p.equivalent_bits, -p.key_bits))))
+    fields = {
+        key: getattr(base, key)
+        for key in (
+            "scheme",
+            "group_size",
+            "residual_length",
+            "block_size",
+            "sink_tokens",
+            "smooth",
+        )
+    }
+    return SearchSpace.per_layer(candidates, model=base.model or "", **fields)
+
+
+def _space_path(settings: SearchSettings, folder: Path) -> Path | None:
+    if settings.space == "layers":
+        return None
+    if settings.space == "groups":
+        return folder / "space.yaml"
+    return Path(settings.space)
+
+
+def _layer_candidates(space: SearchSpace) -> list[tuple[Any, ...]]:
+    """Per layer, the candidates of its group."""
+    per_layer: list[tuple[Any, ...]] = [()] * space.num_layers
+    for group in space.groups:
+        for layer in group.layers:
+            per_layer[layer] = group.candidates
+    return per_layer
+
+
+def _losses(space: SearchSpace, layer_kl: pd.DataFrame | None) -> Any:
+    """Per group: its summed single-layer KL per candidate (None without the table or when a
+    group's candidates were not all measured)."""
+    if layer_kl is None:
+        return None
+    try:
+        return group_errors(space, layer_kl, "kl")
+    except ConfigError:
+        return None
+
+
+def _eval_context(model_config: Any) -> int:
+    from kvtuner.compat import sliding_windows
+
+    return defaults.eval_context(sliding_windows(model_config))
 
 
 def load_for_search(settings: SearchSettings, quiet: bool = False) -> Any:
@@ -265,47 +392,36 @@ def _check_space(space: SearchSpace, path: Path, name: str, num_layers: int, sch
         )
 
 
-def _sensitivity(space: SearchSpace, space_path: Path, num_layers: int) -> pd.DataFrame | None:
-    """The calibration table the space was pruned from (next to it, or named in its metadata)."""
-    from kvtuner.calibrate import load_sensitivity
-
-    candidates = [space_path.parent / "sensitivity.csv"]
-    if space.metadata.get("sensitivity"):
-        candidates.append(Path(space.metadata["sensitivity"]))
-    for path in candidates:
-        if path.is_file():
-            table, meta = load_sensitivity(path)
-            if int(meta.get("num_layers", num_layers)) == num_layers and meta.get("model") in (
-                None,
-                space.model,
-            ):
-                return table
-    return None
-
-
 def run_calibration(
     loaded: Any, scheme: str, root: Path, settings: SearchSettings, quiet: bool
 ) -> Path:
-    """The stages before search, with their default settings: calibrate, prune, cluster -> space.yaml."""
-    from kvtuner.calibrate import CalibrationSettings, calibrate, output_folder, write_outputs
+    """The stages before search, with their default settings: calibrate (e_o and single-layer KL),
+    then prune -> space.yaml; returns the calibration folder."""
+    from kvtuner.calibrate import (
+        CalibrationSettings,
+        calibrate,
+        layer_kl_samples,
+        output_folder,
+        write_outputs,
+    )
     from kvtuner.cluster import build_search_space
     from kvtuner.data import calibration_text, token_samples
 
     folder = output_folder(root, loaded.name, scheme)
-    _say(
-        f"no search space at {folder / 'space.yaml'}: calibrating {loaded.name} ({scheme}) first",
-        quiet,
-    )
+    _say(f"no calibration at {folder}: calibrating {loaded.name} ({scheme}) first", quiet)
     calibration = CalibrationSettings(scheme=scheme, seed=settings.seed)
+    text = calibration_text()
     tokens = token_samples(
-        loaded.tokenizer,
-        calibration_text(),
-        calibration.samples,
-        calibration.seq_len,
-        calibration.seed,
+        loaded.tokenizer, text, calibration.samples, calibration.seq_len, calibration.seed
     )
+    samples = layer_kl_samples(loaded.tokenizer, text, calibration, loaded.model.config)
     result = calibrate(
-        loaded.model, tokens, calibration, model_name=loaded.name, progress=not quiet
+        loaded.model,
+        tokens,
+        calibration,
+        model_name=loaded.name,
+        layer_samples=samples,
+        progress=not quiet,
     )
     paths = write_outputs(result, folder)
     meta = result.metadata
@@ -315,9 +431,9 @@ def run_calibration(
         num_layers=int(meta["num_layers"]),
         scheme=scheme,
         layout=meta,
-        max_groups=settings.max_groups,
+        max_size=settings.max_size,
         metadata={"sensitivity": str(paths["sensitivity"])},
     )
     path = cluster.space.save(folder / "space.yaml")
     _say(f"wrote {paths['sensitivity']} and {path} ({len(cluster.space.groups)} groups)", quiet)
-    return path
+    return folder

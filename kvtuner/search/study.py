@@ -112,9 +112,7 @@ def _is_default_dtype(device: str | None, dtype: str) -> bool:
 def space_fingerprint(space: SearchSpace) -> str:
     """Short hash of the groups and their candidates (what the search's variables are)."""
     groups = [[list(g.layers), sorted(p.name for p in g.candidates)] for g in space.groups]
-    text = json.dumps(
-        [space.num_layers, space.scheme, space.group_size, space.residual_length, groups]
-    )
+    text = json.dumps([space.num_layers, space.layout_fields, groups], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -50,8 +50,13 @@ def test_allocate_writes_a_config_per_cap_under_its_budget(calibrated, capsys, t
         config = load_config(row["path"], num_layers=4)
         assert config.equivalent_bits <= row["cap"] + 1e-9
         summed = sum(
-            float(table[(table.layer == i) & (table.key_bits == p.key_bits)
-                        & (table.value_bits == p.value_bits)].kl.iloc[0])  # fmt: skip
+            float(
+                table[
+                    (table.layer == i)
+                    & (table.key_bits == p.key_bits)
+                    & (table.value_bits == p.value_bits)
+                ].kl.iloc[0]
+            )  # fmt: skip
             for i, p in enumerate(config.layers)
         )
         assert summed == pytest.approx(row["summed_kl"], rel=1e-6)
@@ -85,7 +90,9 @@ def test_without_layer_kl_it_says_how_to_get_it(calibrated, capsys, tmp_path):
     try:
         rc, _, err = run(capsys, "--model", str(model), "--calibration", str(root / "calibration"))
     finally:
-        (tmp_path / "x.csv").rename(root / "calibration" / "tiny-llama" / "per-token" / "layer_kl.csv")
+        (tmp_path / "x.csv").rename(
+            root / "calibration" / "tiny-llama" / "per-token" / "layer_kl.csv"
+        )
     assert rc == 2
     assert "no single-layer KL table" in err and len(err.strip().splitlines()) == 1
     rc, _, err = run(capsys, "--model", str(model), "--calibration", str(root / "calibration"),

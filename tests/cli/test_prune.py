@@ -58,7 +58,10 @@ def test_prune_writes_space_and_summary(calibration, capsys):
         ["prune", "--model", "toy-model", "--out", str(calibration), "--max-size", "200"], capsys
     )
     assert rc == 0
-    assert "toy-model per-token: 6 layers -> 3 groups: the most groups whose space holds at most 200" in stdout
+    assert (
+        "toy-model per-token: 6 layers -> 3 groups: the most groups whose space holds at most 200"
+        in stdout
+    )
     assert "KV8 K8V4 KV4 K4V2 KV2" in stdout and "layers 0-1,4\n" in stdout
     space = SearchSpace.load(calibration / "toy-model" / "per-token" / "space.yaml")
     assert [g.layers for g in space.groups] == [(0, 1, 4), (2, 5), (3,)]
@@ -66,7 +69,9 @@ def test_prune_writes_space_and_summary(calibration, capsys):
 
 
 def test_prune_with_no_options_stays_under_100000_configs(calibration, capsys):
-    rc, stdout, _ = run(["prune", "--model", "toy-model", "--out", str(calibration), "--json"], capsys)
+    rc, stdout, _ = run(
+        ["prune", "--model", "toy-model", "--out", str(calibration), "--json"], capsys
+    )
     assert rc == 0
     summary = json.loads(stdout)
     assert summary["clustering"] == "max_size" and summary["size_after"] <= 100_000

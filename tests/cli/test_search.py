@@ -37,6 +37,12 @@ def searched(tmp_path, monkeypatch, checkpoint, capsys):
             "10",
             "--population",
             "4",
+            "--space",
+            "groups",
+            "--budget",
+            "equivalent",
+            "--max-bits",
+            "3,3.5,4,6",
             "--json",
         ]
     )
@@ -57,6 +63,7 @@ def test_search_json_and_files(searched):
     folder, summary = searched
     assert summary["study"] == STUDY and summary["trials"] == 10 and summary["new_trials"] == 10
     assert [c["cap"] for c in summary["configs"]] == [3.0, 3.5, 4.0, 6.0]
+    assert {c["source"] for c in summary["configs"]} <= {"uniform", "knapsack", "greedy", "nsga"}
     out = folder / "searched_configs" / "tiny-llama" / "per-token"
     for c in summary["configs"]:
         assert c["equivalent_bits"] <= c["cap"]
@@ -119,7 +126,8 @@ def test_bad_input_is_one_line_and_leaves_the_study(searched, checkpoint, capsys
     folder, _ = searched
     before = study_state(folder)
     extra = [str(other_model_space(folder)) if x == "OTHER" else x for x in extra]
-    argv = ["search", "--model", str(checkpoint), "--objective", "proxy", "--trials", "20", *extra]
+    argv = ["search", "--model", str(checkpoint), "--objective", "proxy", "--trials", "20",
+            "--space", "groups", "--budget", "equivalent", *extra]  # fmt: skip
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2

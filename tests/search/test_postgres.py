@@ -210,7 +210,7 @@ def _closed_port() -> int:
 
 
 def test_worker_with_another_dtype_is_refused(workdir, tiny_checkpoint, postgres_url, capsys):
-    kl = ["--objective", "kl", "--samples", "1", "--context", "24", "--continuation", "8"]
+    kl = ["--objective", "kl", "--samples", "1", "--eval-context", "24", "--continuation", "8"]
     kl += ["--chunk", "4"]
     first = SearchSettings(
         model=str(tiny_checkpoint),
@@ -223,6 +223,9 @@ def test_worker_with_another_dtype_is_refused(workdir, tiny_checkpoint, postgres
         population=4,
         storage=postgres_url,
         study_name=STUDY,
+        space="groups",
+        budget="equivalent",
+        caps=(3.0, 3.5, 4.0, 6.0),
     )
     assert run_search(first, quiet=True).trials == 1
     capsys.readouterr()  # the first run's model loading bar

@@ -13,10 +13,13 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from transformers import AutoConfig
 
+from kvtuner.compat import model_shape
 from kvtuner.config import load_config
 from kvtuner.search import SearchSettings, run_search
 from kvtuner.search.export import config_filename, export_study
+from kvtuner.search.problem import layers_key
 from kvtuner.search.study import completed_trials, open_storage
 
 from .tiny import TINY_LAYERS
@@ -25,7 +28,9 @@ CAPS = (3.0, 3.5, 4.0, 6.0)
 
 
 def settings(checkpoint: Path, **kwargs) -> SearchSettings:
-    base = dict(model=str(checkpoint), objective="proxy", trials=14, population=4, caps=CAPS)
+    """The paper's setting: the grouped space of `kvtuner prune`, caps on equivalent bits."""
+    base = dict(model=str(checkpoint), objective="proxy", trials=14, population=4, caps=CAPS,
+                space="groups", budget="equivalent")  # fmt: skip
     return SearchSettings(**{**base, **kwargs})
 
 
@@ -33,13 +38,14 @@ def check_outputs(out: Path, caps=CAPS) -> pd.DataFrame:
     """pareto.csv is a front (bits up, loss down), and each YAML loads, is under its cap and best there."""
     front = pd.read_csv(out / "pareto.csv")
     assert (out / "pareto.png").stat().st_size > 10_000
-    assert list(front.columns[:3]) == ["equivalent_bits", "effective_bits", "proxy"]
-    assert front["equivalent_bits"].is_monotonic_increasing
+    assert list(front.columns[:4]) == ["bits", "equivalent_bits", "effective_bits", "proxy"]
+    assert front["bits"].is_monotonic_increasing
     assert front["proxy"].is_monotonic_decreasing
+    assert set(front["source"]) <= {"uniform", "knapsack", "greedy", "nsga"}
     for cap in caps:
         cfg = load_config(out / config_filename(cap), num_layers=TINY_LAYERS)
         assert cfg.equivalent_bits <= cap
-        best_on_front = front[front["equivalent_bits"] <= cap]["proxy"].min()
+        best_on_front = front[front["bits"] <= cap]["proxy"].min()
         assert cfg.metadata["value"] == pytest.approx(best_on_front, rel=1e-5)
         assert cfg.metadata["objective"] == "proxy" and cfg.metadata["model"] == "tiny-llama"
         assert cfg.metadata["found_by"].startswith("kvtuner search")
@@ -55,10 +61,10 @@ def test_backend_finds_the_front_and_exports_under_caps(workdir, tiny_checkpoint
     front = check_outputs(out)
     # uniform configs are seeded: every one under the cap is evaluated and KV2, the cheapest, is on the front
     assert {"KV8", "K8V4", "KV4", "K4V2", "KV2"} <= set(outcome.export.front["uniform"]) | {"KV8"}
-    assert front["equivalent_bits"].min() == 2.0
+    assert front["bits"].min() == 2.0
     # the proxy is additive: the mixed 3.5-bit config beats uniform K4V2 (3.0) and costs less than KV4
     assert (
-        front[front["equivalent_bits"] == 3.5]["proxy"].item()
+        front[front["bits"] == 3.5]["proxy"].item()
         < front[front["uniform"] == "K4V2"]["proxy"].item()
     )
     study = optuna.load_study(
@@ -121,6 +127,12 @@ def test_killed_search_resumes(workdir, tiny_checkpoint, monkeypatch):
         "proxy",
         "--population",
         "4",
+        "--space",
+        "groups",
+        "--budget",
+        "equivalent",
+        "--max-bits",
+        "3,3.5,4,6",
         "--json",
     ]
     code = "import sys; from kvtuner.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -175,6 +187,7 @@ def test_kl_objective_on_the_real_cache(workdir, tiny_checkpoint):
             continuation=8,
             chunk=4,
             caps=(3.0, 6.0),
+            rescore_samples=0,
         ),
         quiet=True,
     )
@@ -198,7 +211,34 @@ def test_export_is_repeatable(workdir, tiny_checkpoint):
 
 def test_missing_space_runs_calibrate_and_prune_first(tmp_path, monkeypatch, tiny_checkpoint):
     monkeypatch.chdir(tmp_path)
-    outcome = run_search(settings(tiny_checkpoint, trials=6, max_groups=2), quiet=True)
+    outcome = run_search(settings(tiny_checkpoint, trials=6, max_size=25), quiet=True)
     folder = tmp_path / "calibration" / "tiny-llama" / "per-token"
     assert (folder / "sensitivity.csv").is_file() and (folder / "space.yaml").is_file()
-    assert outcome.groups <= 2 and outcome.trials == 6
+    assert (folder / "layer_kl.csv").is_file()
+    assert outcome.space_size <= 25 and outcome.trials == 6
+
+
+def test_default_search_starts_from_the_knapsack_front_and_rescores(workdir, tiny_checkpoint):
+    """Per-layer space, caps on effective bits, the knapsack's configs seeded, candidates re-scored."""
+    caps = (4.5, 6.5)
+    outcome = run_search(
+        SearchSettings(model=str(tiny_checkpoint), caps=caps, trials=12, population=4, samples=2,
+                       context=24, continuation=8, chunk=4, rescore_samples=2, rescore_top=2),
+        quiet=True,
+    )  # fmt: skip
+    out = outcome.export.out_dir
+    assert outcome.groups == TINY_LAYERS  # one variable per layer
+    study = optuna.load_study(
+        study_name=outcome.study_name, storage=open_storage(str(out / "study.db"))
+    )
+    sources = {t.user_attrs.get("seed", "nsga") for t in completed_trials(study)}
+    assert {"uniform", "knapsack"} <= sources
+    rescored = study.user_attrs["rescored"]
+    front = pd.read_csv(out / "pareto.csv")
+    assert front["bits"].is_monotonic_increasing and "source" in front.columns
+    shape = model_shape(AutoConfig.from_pretrained(tiny_checkpoint))
+    for cap in caps:
+        cfg = load_config(out / config_filename(cap), num_layers=TINY_LAYERS)
+        assert cfg.effective_bits(shape, 4096) <= cap + 1e-9
+        assert cfg.metadata["budget"] == "effective" and cfg.metadata["rescored_samples"] == 4
+        assert cfg.metadata["value"] == pytest.approx(rescored[layers_key(cfg.layers)]["loss"])

@@ -166,8 +166,12 @@ def test_evaluation_records_device_and_dtype_and_old_studies_still_match():
         "float32",
         "bfloat16",
     )
-    old_proxy = json.dumps({"dtype": "default", "objective": "proxy"})
-    assert evaluation_difference(old_proxy, SearchSettings(objective="proxy").evaluation()) is None
+    proxy = SearchSettings(objective="proxy").evaluation()
+    old_proxy = json.dumps({**json.loads(proxy), "dtype": "default"})
+    assert evaluation_difference(old_proxy, proxy) is None
+    # a study on another budget is another search
+    equivalent = SearchSettings(budget="equivalent").evaluation()
+    assert evaluation_difference(equivalent, SearchSettings().evaluation())[0] == "budget"
 
 
 def test_a_study_whose_creator_has_not_yet_written_its_signature_is_waited_for(tmp_path):

@@ -79,7 +79,17 @@ def write_calibration(
     """
     folder = root / model / scheme
     folder.mkdir(parents=True, exist_ok=True)
-    synthetic_sensitivity(num_layers).to_csv(folder / "sensitivity.csv", index=False)
+    sensitivity = synthetic_sensitivity(num_layers)
+    sensitivity.to_csv(folder / "sensitivity.csv", index=False)
+    # single-layer KL of the Pareto pairs: the square of e_o (additive across layers, as a knapsack assumes)
+    pruned = {(p.key_bits, p.value_bits) for p in PRUNED}
+    kl = sensitivity[
+        [(k, v) in pruned for k, v in zip(sensitivity.key_bits, sensitivity.value_bits)]
+    ]
+    kl = kl.assign(kl=kl.e_o**2, kl_stderr=0.0)[
+        ["layer", "key_bits", "value_bits", "equivalent_bits", "kl", "kl_stderr"]
+    ]
+    kl.to_csv(folder / "layer_kl.csv", index=False)
     meta = {
         "model": model,
         "num_layers": num_layers,

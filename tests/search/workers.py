@@ -49,6 +49,12 @@ def search_argv(checkpoint: Path, storage: str, trials: int, *extra: str) -> lis
         storage,
         "--study-name",
         STUDY,
+        "--space",
+        "groups",
+        "--budget",
+        "equivalent",
+        "--max-bits",
+        "3,3.5,4,6",
         "--json",
         *extra,
     ]

@@ -1,0 +1,71 @@
+"""Re-score the best candidates of each cap on more samples before export.
+
+A trial is scored on a few samples, and the differences the search has to resolve are about the
+size of that noise, so the lowest search loss under a cap is partly luck (the winner's curse).
+Before export, the `top` configs of each cap by search loss, plus the best knapsack and uniform
+configs under it, are evaluated again on `rescore` more samples (other windows of the same text);
+their loss over all samples (search's and re-scoring's, per-sample mean) decides the export. The
+results are kept in the study (user attribute `rescored`), so a rerun re-scores only what is new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+import pandas as pd
+from tqdm.auto import tqdm
+
+from kvtuner.search.export import RESCORED, trials_frame
+
+ANCHORS = ("knapsack", "uniform")  # sources whose best config under a cap is always re-scored
+
+
+def candidates(frame: pd.DataFrame, caps: Sequence[float], top: int) -> list[str]:
+    """Layers keys to re-score: per cap, the `top` lowest losses under it and the best of each
+    anchor source under it (distinct keys, in order)."""
+    keys: list[str] = []
+    for cap in sorted(caps):
+        under = frame[frame["bits"] <= cap + 1e-9].sort_values(["loss", "bits", "trial"])
+        picked = list(under["layers"].head(top))
+        for source in ANCHORS:
+            best = under[under["source"] == source]
+            if not best.empty:
+                picked.append(best["layers"].iloc[0])
+        keys += [key for key in picked if key not in keys]
+    return keys
+
+
+def rescore(
+    study: optuna.Study,
+    evaluate: Callable[[str], Sequence[float]],
+    caps: Sequence[float],
+    top: int,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Re-score the candidates of `study` (see `candidates`) with `evaluate(layers key) -> per-sample
+    losses`, store them in the study and return the stored mapping."""
+    frame = trials_frame(study)
+    stored: dict[str, Any] = dict(study.user_attrs.get(RESCORED) or {})
+    if frame.empty or top <= 0:
+        return stored
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    searched = {
+        row["layers"]: _per_sample(trials[int(row["trial"])]) for _, row in frame.iterrows()
+    }
+    todo = [key for key in candidates(frame, caps, top) if key not in stored]
+    for key in tqdm(todo, desc="re-score", unit="config", disable=not progress):
+        values = list(searched.get(key) or []) + [float(x) for x in evaluate(key)]
+        stored[key] = {
+            "loss": sum(values) / len(values),
+            "samples": len(values),
+            "per_sample": [round(x, 8) for x in values],
+        }
+        study.set_user_attr(RESCORED, stored)  # after each: a killed run keeps what it measured
+    return stored
+
+
+def _per_sample(trial: Any) -> list[float]:
+    return list((trial.user_attrs.get("metrics") or {}).get("per_sample_kl") or [])
