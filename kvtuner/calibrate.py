@@ -57,11 +57,11 @@ class CalibrationSettings:
     samples: int = defaults.CALIBRATION_SAMPLES
     seq_len: int = defaults.CALIBRATION_SEQ_LEN
     query_tokens: int = defaults.QUERY_TOKENS
-    group_size: int | None = defaults.GROUP_SIZE
+    group_size: Any = defaults.SCHEME_DEFAULT  # int, or None for one group per head
     residual_length: int | None = None
     block_size: int = defaults.KIVI_BLOCK_SIZE
     sink_tokens: int = defaults.SINK_TOKENS
-    smooth: bool = defaults.SMOOTH
+    smooth: Any = defaults.SCHEME_DEFAULT
     seed: int = 0
     text: str | None = None
     layer_kl: bool = True
@@ -71,12 +71,17 @@ class CalibrationSettings:
     additivity: int = defaults.ADDITIVITY_CONFIGS
 
     def resolved(self) -> CalibrationSettings:
-        """Fill the scheme's residual: KIVI 32 unless given; per-token none."""
-        if self.scheme != "kivi":
-            return replace(self, residual_length=0)
-        if self.residual_length is None:
-            return replace(self, residual_length=defaults.KIVI_RESIDUAL_LENGTH)
-        return self
+        """Fill the scheme's defaults: group size, smoothing, residual (KIVI 32, per-token none)."""
+        s = self
+        if s.group_size is defaults.SCHEME_DEFAULT:
+            s = replace(s, group_size=defaults.group_size(s.scheme))
+        if s.smooth is defaults.SCHEME_DEFAULT:
+            s = replace(s, smooth=defaults.smooth(s.scheme))
+        if s.scheme != "kivi":
+            return replace(s, residual_length=0)
+        if s.residual_length is None:
+            return replace(s, residual_length=defaults.KIVI_RESIDUAL_LENGTH)
+        return s
 
     @property
     def pairs(self) -> tuple[PrecisionPair, ...]:
@@ -396,10 +401,10 @@ def base_config(metadata: dict[str, Any]) -> Any:
         "fp16",
         int(metadata["num_layers"]),
         scheme=metadata.get("scheme", defaults.SCHEME),
-        group_size=metadata.get("group_size", defaults.GROUP_SIZE),
+        group_size=metadata.get("group_size", defaults.SCHEME_DEFAULT),
         block_size=metadata.get("block_size") or defaults.KIVI_BLOCK_SIZE,
         residual_length=metadata.get("residual_length"),
         sink_tokens=metadata.get("sink_tokens", defaults.SINK_TOKENS),
-        smooth=metadata.get("smooth", defaults.SMOOTH),
+        smooth=metadata.get("smooth", defaults.SCHEME_DEFAULT),
         model=metadata.get("model"),
     )

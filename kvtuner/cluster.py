@@ -225,11 +225,11 @@ def build_search_space(
         scheme=scheme,
         num_layers=num_layers,
         groups=groups,
-        group_size=layout.get("group_size", defaults.GROUP_SIZE),
+        group_size=layout.get("group_size", defaults.SCHEME_DEFAULT),
         residual_length=int(layout.get("residual_length") or 0),
         block_size=int(layout.get("block_size") or defaults.KIVI_BLOCK_SIZE),
         sink_tokens=int(layout.get("sink_tokens", defaults.SINK_TOKENS)),
-        smooth=bool(layout.get("smooth", defaults.SMOOTH)),
+        smooth=layout.get("smooth", defaults.SCHEME_DEFAULT),
         unpruned_candidates=unpruned,
         metadata=info,
     )

@@ -53,8 +53,8 @@ PAIR_FIELDS = ("nbits_key", "nbits_value")
 class PrecisionConfig:
     """Per-layer precision pairs plus the layout they are stored in (see `kvtuner.precision.Layout`).
 
-    `group_size`: channels per scale/zero of per-token groups (default 32; None = one group per
-    head, the paper's setting). `block_size`: KIVI's tokens per key block (default 32).
+    `group_size`: channels per scale/zero of per-token groups (default 64 per-token, 32 KIVI;
+    None = one group per head, the paper's setting). `block_size`: KIVI's tokens per key block (default 32).
     `residual_length=None` means 0 under `per-token` and 32 under `kivi`. `sink_tokens=None`
     means the default number of first tokens kept in full precision. `heads` keeps the per-head
     pairs of a head-wise preset (`layers[i]` is then the max over `heads[i]`).
@@ -62,7 +62,7 @@ class PrecisionConfig:
 
     layers: tuple[PrecisionPair, ...]
     scheme: str = defaults.SCHEME
-    group_size: int | None = defaults.GROUP_SIZE
+    group_size: Any = defaults.SCHEME_DEFAULT  # int, or None for one group per head
     residual_length: int | None = None
     block_size: int | None = None
     sink_tokens: int | None = None
@@ -91,8 +91,10 @@ class PrecisionConfig:
             object.__setattr__(self, "block_size", defaults.KIVI_BLOCK_SIZE)
         if self.sink_tokens is None:
             object.__setattr__(self, "sink_tokens", defaults.SINK_TOKENS)
-        if self.smooth is None:
-            object.__setattr__(self, "smooth", defaults.SMOOTH)
+        if self.group_size is defaults.SCHEME_DEFAULT:
+            object.__setattr__(self, "group_size", defaults.group_size(self.scheme))
+        if self.smooth is None or self.smooth is defaults.SCHEME_DEFAULT:
+            object.__setattr__(self, "smooth", defaults.smooth(self.scheme))
         if not isinstance(self.smooth, bool):
             raise ConfigError(f"{where}: smooth must be true or false; got {self.smooth!r}")
         if self.group_size is not None and (not _is_int(self.group_size) or self.group_size <= 0):
@@ -354,15 +356,17 @@ def _from_own_format(data: dict[Any, Any], where: str, scheme: str | None) -> Pr
     if not isinstance(metadata, dict):
         raise ConfigError(f"{where}: metadata must be a mapping; got {type(metadata).__name__}")
     chosen_scheme = file_scheme or scheme or defaults.SCHEME
-    group_size = data.get("group_size", defaults.GROUP_SIZE)
+    group_size = data.get("group_size", defaults.SCHEME_DEFAULT)
     block_size = data.get("block_size")
     sink_tokens, smooth = data.get("sink_tokens"), data.get("smooth")
     if version == 1:  # version 1 files keep their meaning: no sinks, no smoothing
         sink_tokens, smooth = 0, False
         if chosen_scheme == "kivi":
             # one group_size for KIVI's key blocks and value groups (null meant 32)
-            group_size = group_size if group_size is not None else defaults.GROUP_SIZE
+            group_size = group_size if group_size is not None else defaults.KIVI_GROUP_SIZE
             block_size = group_size
+        elif group_size is defaults.SCHEME_DEFAULT:
+            group_size = None  # version 1 per-token: one group per head
     config = PrecisionConfig(
         layers=layers,
         heads=heads,

@@ -9,12 +9,37 @@ from __future__ import annotations
 
 # -- the cache ------------------------------------------------------------------------------------
 SCHEME = "per-token"
-GROUP_SIZE = 32  # channels per scale/zero (per-token K and V; KIVI V); at most head_dim
+# channels per scale/zero of per-token groups (per-token K and V; KIVI V), at most head_dim
+PER_TOKEN_GROUP_SIZE = 64
+KIVI_GROUP_SIZE = 32
 KIVI_BLOCK_SIZE = 32  # KIVI: tokens per per-channel key block
 KIVI_RESIDUAL_LENGTH = 32  # KIVI: newest tokens kept in full precision
 SINK_TOKENS = 4  # first tokens of the sequence kept in full precision (attention sinks)
-SMOOTH = True  # per-token groups see channels divided by their prompt-time peak magnitude
+# per-token groups see channels divided by their prompt-time peak magnitude (KIVI's keys are
+# per channel already, and on its values smoothing helped 4 bits and hurt 2)
+PER_TOKEN_SMOOTH = True
+KIVI_SMOOTH = False
 QUANTIZE_PREFILL = False  # the prompt's own forward sees exact keys and values
+
+
+class _SchemeDefault:
+    """A layout field left to its scheme's default (group size, smoothing)."""
+
+    def __repr__(self) -> str:
+        return "<scheme default>"
+
+
+SCHEME_DEFAULT = _SchemeDefault()
+
+
+def group_size(scheme: str) -> int:
+    """The default channels per per-token group under `scheme`."""
+    return KIVI_GROUP_SIZE if scheme == "kivi" else PER_TOKEN_GROUP_SIZE
+
+
+def smooth(scheme: str) -> bool:
+    """Whether per-token groups are channel-smoothed by default under `scheme`."""
+    return KIVI_SMOOTH if scheme == "kivi" else PER_TOKEN_SMOOTH
 
 # -- calibration ----------------------------------------------------------------------------------
 CALIBRATION_SAMPLES = 8

@@ -11,6 +11,7 @@ import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvtuner import defaults
 
@@ -90,23 +91,28 @@ class Layout:
       channel over blocks of `block_size` tokens, V per token; the newest `residual_length` tokens
       up to `residual_length + block_size - 1` wait in full precision).
     - `group_size`: channels per scale and zero point of per-token groups (None: one group per
-      head). A size that does not divide head_dim falls to its largest divisor below (80: 20).
+      head; default 64 per-token, 32 KIVI). A size that does not divide head_dim falls to its
+      largest divisor below (32 on 80: 20).
     - `sink_tokens`: the first tokens of the sequence, kept in full precision (attention sinks).
     - `smooth`: per-token groups quantize channels divided by a per-channel scale (each channel's
       peak magnitude over the first stored tokens), so one outlier channel does not set the step
-      of its whole group; the scale is multiplied back on reading.
+      of its whole group; the scale is multiplied back on reading (default on per-token, off KIVI).
     """
 
     scheme: str = defaults.SCHEME
-    group_size: int | None = defaults.GROUP_SIZE
+    group_size: Any = defaults.SCHEME_DEFAULT  # int, or None for one group per head
     block_size: int = defaults.KIVI_BLOCK_SIZE
     residual_length: int = 0
     sink_tokens: int = defaults.SINK_TOKENS
-    smooth: bool = defaults.SMOOTH
+    smooth: Any = defaults.SCHEME_DEFAULT  # bool
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
+        if self.group_size is defaults.SCHEME_DEFAULT:
+            object.__setattr__(self, "group_size", defaults.group_size(self.scheme))
+        if self.smooth is defaults.SCHEME_DEFAULT:
+            object.__setattr__(self, "smooth", defaults.smooth(self.scheme))
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be positive or null; got {self.group_size}")
         if self.block_size < 1:

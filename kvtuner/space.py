@@ -37,15 +37,19 @@ class SearchSpace:
     scheme: str
     num_layers: int
     groups: tuple[LayerGroup, ...]
-    group_size: int | None = defaults.GROUP_SIZE
+    group_size: Any = defaults.SCHEME_DEFAULT  # int, or None for one group per head
     residual_length: int = 0
     block_size: int = defaults.KIVI_BLOCK_SIZE
     sink_tokens: int = defaults.SINK_TOKENS
-    smooth: bool = defaults.SMOOTH
+    smooth: Any = defaults.SCHEME_DEFAULT
     unpruned_candidates: int = 9
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        if self.group_size is defaults.SCHEME_DEFAULT:
+            object.__setattr__(self, "group_size", defaults.group_size(self.scheme))
+        if self.smooth is defaults.SCHEME_DEFAULT:
+            object.__setattr__(self, "smooth", defaults.smooth(self.scheme))
         seen = sorted(layer for group in self.groups for layer in group.layers)
         if seen != list(range(self.num_layers)):
             raise ConfigError(
@@ -146,11 +150,11 @@ class SearchSpace:
                 scheme=str(data.get("scheme", "per-token")),
                 num_layers=int(data["num_layers"]),
                 groups=groups,
-                group_size=data.get("group_size", defaults.GROUP_SIZE),
+                group_size=data.get("group_size", defaults.SCHEME_DEFAULT),
                 residual_length=int(data.get("residual_length") or 0),
                 block_size=int(data.get("block_size") or defaults.KIVI_BLOCK_SIZE),
                 sink_tokens=int(data.get("sink_tokens", defaults.SINK_TOKENS)),
-                smooth=bool(data.get("smooth", defaults.SMOOTH)),
+                smooth=data.get("smooth", defaults.SCHEME_DEFAULT),
                 unpruned_candidates=int(data.get("unpruned_candidates", 9)),
                 metadata=dict(data.get("metadata") or {}),
             )

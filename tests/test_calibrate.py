@@ -118,9 +118,9 @@ def test_check_settings_rejects_what_the_model_cannot_run():
 
 
 def test_settings_resolve_scheme_defaults():
-    assert CalibrationSettings(scheme="kivi").layout == Layout("kivi", 32, 32, 32, 4)
+    assert CalibrationSettings(scheme="kivi").layout == Layout("kivi", 32, 32, 32, 4, False)
     per_token = CalibrationSettings(residual_length=16).resolved()
-    assert per_token.group_size == 32 and per_token.residual_length == 0
+    assert (per_token.group_size, per_token.residual_length, per_token.smooth) == (64, 0, True)
 
 
 @pytest.fixture(scope="module")

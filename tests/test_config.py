@@ -59,12 +59,13 @@ def test_scheme_defaults():
     per_token = PrecisionConfig.uniform("KV4", 2)
     assert (per_token.scheme, per_token.group_size, per_token.residual_length) == (
         "per-token",
-        32,
+        64,
         0,
     )
-    assert per_token.sink_tokens == 4
+    assert per_token.sink_tokens == 4 and per_token.smooth
     kivi = PrecisionConfig.uniform(KV4, 2, scheme="kivi")
     assert (kivi.group_size, kivi.block_size, kivi.residual_length) == (32, 32, 32)
+    assert not kivi.smooth
     custom = PrecisionConfig.uniform(
         KV4, 2, scheme="kivi", group_size=40, block_size=64, residual_length=0, sink_tokens=0
     )

@@ -63,12 +63,12 @@ def test_effective_bits_by_hand():
     # one scale and zero (16 bits each) per head of 64: 4 + 32 / 64 = 4.5 bits
     assert effective_bits(kv4, per_head, shape, 100) == 4.5
     # groups of 32 channels: 4 + 1; 4 sinks of 100 tokens at 16 bits: 96 * 5 / 100 + 4 * 16 / 100
-    assert effective_bits(kv4, Layout("per-token", smooth=False), shape, 100) == pytest.approx(
-        (96 * 5 + 4 * 16) / 100
-    )
-    # smoothing adds one 16-bit scale per channel and head for keys and for values
+    g32 = Layout("per-token", group_size=32, smooth=False)
+    assert effective_bits(kv4, g32, shape, 100) == pytest.approx((96 * 5 + 4 * 16) / 100)
+    # smoothing adds one 16-bit scale per channel and head for keys and for values; the default
+    # per-token group is 64 channels (one per head here): 4.5 bits, and the sinks
     assert effective_bits(kv4, Layout("per-token"), shape, 100) == pytest.approx(
-        (96 * 5 + 4 * 16 + 16) / 100
+        (96 * 4.5 + 4 * 16 + 16) / 100
     )
     # KIVI at 128 tokens, 4 sinks, residual 32, blocks 32: 64 quantized, 60 residual
     kivi = Layout("kivi", residual_length=32, smooth=False)
@@ -82,7 +82,7 @@ def test_effective_bits_by_hand():
 def test_sliding_layers_weigh_by_what_they_hold():
     """Gemma 3-like: at 4096 tokens a window-512 layer holds 511 tokens, a global one 4096."""
     shape = ModelShape(num_layers=2, kv_heads=1, head_dim=256, windows=(512, None))
-    layout = Layout("per-token", sink_tokens=0, smooth=False)
+    layout = Layout("per-token", group_size=32, sink_tokens=0, smooth=False)
     costs = layer_costs([[PrecisionPair(4, 4)]] * 2, layout, shape, 4096)
     sliding, full = costs[0][PrecisionPair(4, 4)], costs[1][PrecisionPair(4, 4)]
     assert full / sliding == pytest.approx(4096 / 511)

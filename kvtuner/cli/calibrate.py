@@ -51,13 +51,14 @@ def calibrate(
         str, typer.Option("--bits", help="Bit widths of the candidate pairs, from 2, 4, 8, 16.")
     ] = ",".join(str(b) for b in defaults.CANDIDATE_BITS),
     group_size: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--group-size",
             min=0,
-            help="Channels per scale and zero point (0: one group per head).",
+            help=f"Channels per scale and zero point (default {defaults.PER_TOKEN_GROUP_SIZE} "
+            f"per-token, {defaults.KIVI_GROUP_SIZE} KIVI; 0: one group per head).",
         ),
-    ] = defaults.GROUP_SIZE,
+    ] = None,
     block_size: Annotated[
         int, typer.Option("--block-size", min=1, help="KIVI: tokens per key block.")
     ] = defaults.KIVI_BLOCK_SIZE,
@@ -74,12 +75,13 @@ def calibrate(
         typer.Option("--sink-tokens", min=0, help="First tokens kept in full precision."),
     ] = defaults.SINK_TOKENS,
     smooth: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--smooth/--no-smooth",
-            help="Per-token groups see channels divided by their prompt-time peak.",
+            help="Per-token groups see channels divided by their prompt-time peak "
+            "(default: on per-token, off KIVI).",
         ),
-    ] = defaults.SMOOTH,
+    ] = None,
     seed: SeedOption = 0,
     layer_kl: Annotated[
         bool,
@@ -132,11 +134,11 @@ def calibrate(
         samples=samples,
         seq_len=seq_len,
         query_tokens=query_tokens,
-        group_size=group_size or None,
+        group_size=defaults.SCHEME_DEFAULT if group_size is None else (group_size or None),
         block_size=block_size,
         residual_length=residual_length,
         sink_tokens=sink_tokens,
-        smooth=smooth,
+        smooth=defaults.SCHEME_DEFAULT if smooth is None else smooth,
         seed=seed,
         text=str(text) if text is not None else None,
         layer_kl=layer_kl,
