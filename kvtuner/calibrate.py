@@ -282,7 +282,16 @@ def measure_layer_kl(
     candidates = prune_table(table)
     kl_table = layer_kl_table(evaluator, base, candidates, progress=progress)
     merged = kl_table.merge(table, on=["layer", "key_bits", "value_bits"])
-    summary: dict[str, Any] = {"spearman_e_o_kl": round(spearman(merged.e_o, merged.kl), 4)}
+    within = [
+        spearman(rows.e_o, rows.kl)
+        for _, rows in merged.groupby(["key_bits", "value_bits"])
+        if len(rows) > 2
+    ]
+    summary: dict[str, Any] = {
+        "spearman_e_o_kl": round(spearman(merged.e_o, merged.kl), 4),
+        # across layers at one pair: does e_o rank the layers as the KL does?
+        "spearman_e_o_kl_across_layers": round(sum(within) / len(within), 4) if within else None,
+    }
     additive = None
     if s.additivity > 1:
         additive = additivity(
@@ -295,6 +304,8 @@ def measure_layer_kl(
         )
         summary["additivity_configs"] = len(additive)
         summary["spearman_summed_joint"] = round(spearman(additive.summed_kl, additive.joint_kl), 4)
+        ratio = (additive.joint_kl / additive.summed_kl).mean()
+        summary["joint_over_summed"] = round(float(ratio), 3)
     return kl_table, additive, summary
 
 

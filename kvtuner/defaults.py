@@ -41,15 +41,16 @@ def smooth(scheme: str) -> bool:
     """Whether per-token groups are channel-smoothed by default under `scheme`."""
     return KIVI_SMOOTH if scheme == "kivi" else PER_TOKEN_SMOOTH
 
+
 # -- calibration ----------------------------------------------------------------------------------
 CALIBRATION_SAMPLES = 8
 CALIBRATION_SEQ_LEN = 512
 QUERY_TOKENS = 64
 CANDIDATE_BITS = (2, 4, 8)
 # single-layer KL: samples of calibration text, each `context` tokens then one scored chunk
-LAYER_KL_SAMPLES = 16
+LAYER_KL_SAMPLES = 8
 LAYER_KL_CONTINUATION = 32
-ADDITIVITY_CONFIGS = 20  # random configs whose joint KL checks that single-layer KLs add up
+ADDITIVITY_CONFIGS = 12  # random configs whose joint KL checks that single-layer KLs add up
 
 # -- pruning and clustering -----------------------------------------------------------------------
 TOLERANCE = 0.0

@@ -242,10 +242,16 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(
             f"Spearman(e_o, single-layer KL) over layers and pairs = {kl['spearman_e_o_kl']:.3f}"
         )
+        if kl.get("spearman_e_o_kl_across_layers") is not None:
+            lines.append(
+                "  across layers at one pair (mean over pairs) = "
+                f"{kl['spearman_e_o_kl_across_layers']:.3f}"
+            )
         if "spearman_summed_joint" in kl:
             lines.append(
                 f"additivity: Spearman(summed single-layer KL, joint KL) over "
-                f"{kl['additivity_configs']} random configs = {kl['spearman_summed_joint']:.3f}"
+                f"{kl['additivity_configs']} random configs = {kl['spearman_summed_joint']:.3f}; "
+                f"joint / summed = {kl['joint_over_summed']:.2f} on average"
             )
     lines += ["", *(f"wrote {path}" for path in summary["files"].values())]
     return "\n".join(lines)
