@@ -20,8 +20,10 @@ from kvtuner.precision import PrecisionPair
 # kind -> (label, marker, colour); kinds missing from a frame are skipped
 SERIES: tuple[tuple[str, str, str, str], ...] = (
     ("uniform", "uniform", "s", "tab:red"),
+    ("greedy", "greedy by e_o", "v", "tab:orange"),
+    ("knapsack", "knapsack on single-layer KL", "D", "tab:green"),
     ("searched", "searched (kvtuner)", "o", "tab:blue"),
-    ("peer", "transformers QuantizedCache", "^", "tab:green"),
+    ("peer", "transformers QuantizedCache", "^", "tab:purple"),
 )
 BIT_COLOURS: dict[int, str] = {2: "#d7301f", 4: "#fc8d59", 8: "#91cf60", 16: "#4575b4"}
 
@@ -61,7 +63,7 @@ def plot_quality_vs_bits(results: pd.DataFrame, path: str | Path, *, title: str 
                 part[column].astype(float),
                 kl,
                 yerr=[err.clip(upper=kl * 0.9), err],
-                fmt=f"{marker}-" if kind != "peer" else marker,
+                fmt=f"{marker}-" if kind in ("uniform", "searched") else marker,
                 color=colour,
                 mfc="none" if kind == "uniform" else colour,
                 ms=7,
@@ -69,9 +71,9 @@ def plot_quality_vs_bits(results: pd.DataFrame, path: str | Path, *, title: str 
                 capsize=2,
                 label=label,
             )
-            # searched labels below their points, the others above: the two often coincide
+            # searched labels below their points, uniform ones above; the baselines unlabeled
             offset = (5, -11) if kind == "searched" else (5, 4)
-            for _, row in part.iterrows():
+            for _, row in part.iterrows() if kind in ("uniform", "searched", "peer") else ():
                 ax.annotate(
                     str(row["config"]).removeprefix("kvtuner "),
                     (float(row[column]), float(row["kl"])),

@@ -68,42 +68,56 @@ def candidates(
     return rows
 
 
-def measure(args: argparse.Namespace, loaded: Any = None) -> pd.DataFrame:
-    from kvtuner.baselines import budget_bits
-    from kvtuner.compat import model_shape
+def measure(args: argparse.Namespace, loaded: Any = None, evaluator: Any = None) -> pd.DataFrame:
+    """The ablation frame: one row per (cap, method) with bits, held-out KL and the paired
+    difference to the knapsack. `loaded` and `evaluator` (held-out samples) may be shared."""
     from kvtuner.evaluate import EvalProtocol, Evaluator, eval_samples, protocol_for
     from kvtuner.models import load_model
-    from kvtuner.search.problem import layers_key
 
     loaded = loaded or load_model(args.model)
-    shape = model_shape(loaded.model.config)
-    base = protocol_for(loaded.model.config)
-    protocol = EvalProtocol(base.context, args.continuation, base.chunk)
-    samples = eval_samples(loaded.tokenizer, None, args.samples, protocol, seed=args.seed)
-    evaluator = Evaluator(loaded.model, samples, protocol, progress=False)
+    if evaluator is None:
+        base = protocol_for(loaded.model.config)
+        protocol = EvalProtocol(base.context, args.continuation, base.chunk)
+        samples = eval_samples(loaded.tokenizer, None, args.samples, protocol, seed=args.seed)
+        evaluator = Evaluator(loaded.model, samples, protocol, progress=False)
     rows = candidates(loaded, args.scheme, args.caps, args.calibration, args.configs, args.budget,
                       args.context)  # fmt: skip
-    measured: dict[str, Any] = {}
+    return score(rows, loaded, evaluator, args.scheme, args.budget, args.context)
+
+
+def score(
+    rows: list[dict[str, Any]], loaded: Any, evaluator: Any, scheme: str, budget: str,
+    context: int, measured: dict[str, Any] | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """Evaluate each row's config once (`measured` caches results by layers key and layout)."""
+    from kvtuner.baselines import budget_bits
+    from kvtuner.compat import model_shape
+    from kvtuner.search.problem import layers_key
+
+    shape = model_shape(loaded.model.config)
+    measured = {} if measured is None else measured
     for row in rows:
-        key = layers_key(row["config"].layers)
-        if key not in measured:
-            log(f"{loaded.name} {args.scheme} cap {row['cap']:g} {row['method']} ({key})")
-            measured[key] = evaluator.evaluate(row["config"])
-        result = measured[key]
         config = row["config"]
+        key = f"{layers_key(config.layers)} {config.layout}"
+        if key not in measured:
+            log(
+                f"{loaded.name} {scheme} cap {row['cap']:g} {row['method']} ({layers_key(config.layers)})"
+            )
+            measured[key] = evaluator.evaluate(config)
+        result = measured[key]
         row.update(
             model=loaded.name,
-            scheme=args.scheme,
-            layers=key,
+            scheme=scheme,
+            layers=layers_key(config.layers),
             equivalent_bits=config.equivalent_bits,
-            effective_bits=config.effective_bits(shape, args.context),
-            budget_bits=budget_bits(config, shape, args.budget, args.context),
+            effective_bits=config.effective_bits(shape, context),
+            budget_bits=budget_bits(config, shape, budget, context),
             kl=result.kl,
             kl_stderr=result.kl_stderr,
             ppl=result.ppl,
             per_sample=result.per_sample_kl,
         )
-    frame = pd.DataFrame(rows).drop(columns="config")
+    frame = pd.DataFrame(rows)
     for _, part in frame.groupby("cap"):
         knap = part[part.method == "knapsack"]
         if knap.empty:
@@ -115,10 +129,6 @@ def measure(args: argparse.Namespace, loaded: Any = None) -> pd.DataFrame:
             frame.loc[index, "diff_stderr"] = (
                 statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
             )
-    frame["per_sample"] = [" ".join(f"{x:.6g}" for x in v) for v in frame.per_sample]
-    frame.attrs.update(
-        samples=args.samples, context=protocol.context, continuation=protocol.continuation
-    )
     return frame
 
 
@@ -205,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     frame = measure(args)
     text = markdown(frame, args.budget, args.context)
     stem = f"ablation_{args.model}_{args.scheme}"
-    atomic_write_text(args.out / f"{stem}.csv", frame.to_csv(index=False, float_format="%.6g"))
+    saved = frame.drop(columns="config").assign(
+        per_sample=[" ".join(f"{x:.6g}" for x in v) for v in frame.per_sample]
+    )
+    atomic_write_text(args.out / f"{stem}.csv", saved.to_csv(index=False, float_format="%.6g"))
     atomic_write_text(args.out / f"{stem}.md", text + "\n")
     print(text)
     return 0

@@ -38,13 +38,10 @@ DtypeOption = Annotated[
 ]
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed.")]
 # the evaluation protocol of `eval` and `search` (defaults differ per command)
-ContextOption = Annotated[
-    int, typer.Option("--context", help="Tokens of quantized history before the scored ones.")
-]
 ContinuationOption = Annotated[
-    int, typer.Option("--continuation", help="Scored tokens per sample.")
+    int, typer.Option("--continuation", min=1, help="Scored tokens per sample.")
 ]
-ChunkOption = Annotated[int, typer.Option("--chunk", help="Scored tokens fed per forward.")]
+ChunkOption = Annotated[int, typer.Option("--chunk", min=1, help="Scored tokens fed per forward.")]
 MaxNewTokensOption = Annotated[
     int, typer.Option("--max-new-tokens", help="Answer length for --tasks (accuracy).")
 ]

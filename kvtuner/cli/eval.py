@@ -7,12 +7,12 @@ from typing import Annotated, Any
 
 import typer
 
+from kvtuner import defaults
 from kvtuner.cli.app import app
 from kvtuner.cli.common import (
     DEFAULT_MODEL,
     ChunkOption,
     ConfigOption,
-    ContextOption,
     ContinuationOption,
     DeviceOption,
     DtypeOption,
@@ -40,10 +40,20 @@ def eval_command(
             help="Evaluation text: plain text or JSONL with 'text' (default: shipped held-out text).",
         ),
     ] = None,
-    samples: Annotated[int, typer.Option("--samples", help="Number of text samples.")] = 6,
-    context: ContextOption = 512,
-    continuation: ContinuationOption = 128,
-    chunk: ChunkOption = 32,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="Number of text samples.")
+    ] = defaults.EVAL_SAMPLES,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            "--context",
+            min=2,
+            help="Tokens of quantized history before the scored ones (default 512, or twice the "
+            "widest sliding window so that windows are full: 1024 on Gemma 3).",
+        ),
+    ] = None,
+    continuation: ContinuationOption = defaults.EVAL_CONTINUATION,
+    chunk: ChunkOption = defaults.EVAL_CHUNK,
     tasks: Annotated[
         Path | None,
         typer.Option(
@@ -61,10 +71,17 @@ def eval_command(
     from kvtuner.config import load_config, load_config_without_model
     from kvtuner.data import heldout_text
     from kvtuner.defaults import BUDGET_CONTEXT as EFFECTIVE_BITS_CONTEXT
-    from kvtuner.evaluate import EvalProtocol, Evaluator, accuracy, eval_samples, load_tasks
+    from kvtuner.evaluate import (
+        EvalProtocol,
+        Evaluator,
+        accuracy,
+        eval_samples,
+        load_tasks,
+        protocol_for,
+    )
     from kvtuner.models import load_model
 
-    protocol = EvalProtocol(context, continuation, chunk)
+    EvalProtocol(context or defaults.EVAL_CONTEXT, continuation, chunk)  # bad values fail now
     early = load_config_without_model(
         config, scheme=scheme
     )  # a bad config fails before the model load
@@ -73,6 +90,9 @@ def eval_command(
     info(f"loading {model} ...", json)
     loaded = load_model(model, device=device, dtype=dtype)
     cfg = load_config(early or config, num_layers=loaded.num_layers, scheme=scheme)
+    protocol = EvalProtocol(
+        context or protocol_for(loaded.model.config).context, continuation, chunk
+    )
     tokens = eval_samples(loaded.tokenizer, corpus, samples, protocol, seed=seed)
     result = Evaluator(loaded.model, tokens, protocol, progress=not json).evaluate(cfg)
     from kvtuner.compat import model_shape
@@ -91,7 +111,7 @@ def eval_command(
         "effective_bits_context": EFFECTIVE_BITS_CONTEXT,
         "tokens": result.tokens,
         "samples": samples,
-        "context": context,
+        "context": protocol.context,
         "continuation": continuation,
         "per_sample_kl": list(result.per_sample_kl),
         "text": str(text) if text is not None else "heldout",

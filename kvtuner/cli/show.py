@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from kvtuner import defaults
 from kvtuner.cli.app import app
 from kvtuner.cli.common import JsonOption, emit_json
 from kvtuner.config import PrecisionConfig, load_config
@@ -30,8 +31,11 @@ def show(
         typer.Option("--scheme", help="per-token or kivi (for specs and presets without one)."),
     ] = None,
     context: Annotated[
-        int, typer.Option("--context", help="Context length for effective bits (with --model).")
-    ] = 4096,
+        int,
+        typer.Option(
+            "--context", min=1, help="Tokens at which effective bits are counted (with --model)."
+        ),
+    ] = defaults.BUDGET_CONTEXT,
     json: JsonOption = False,
 ) -> None:
     """Show a precision config: one row per layer, equivalent bits, scheme."""

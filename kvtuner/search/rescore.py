@@ -4,8 +4,8 @@ A trial is scored on a few samples, and the differences the search has to resolv
 size of that noise, so the lowest search loss under a cap is partly luck (the winner's curse).
 Before export, the `top` configs of each cap by search loss, plus the best knapsack and uniform
 configs under it, are evaluated again on `rescore` more samples (other windows of the same text);
-their loss over all samples (search's and re-scoring's, per-sample mean) decides the export. The
-results are kept in the study (user attribute `rescored`), so a rerun re-scores only what is new.
+their loss on those samples alone, which chose none of them, decides the export. The results are
+kept in the study (user attribute `rescored`), so a rerun re-scores only what is new.
 """
 
 from __future__ import annotations
@@ -51,13 +51,9 @@ def rescore(
     stored: dict[str, Any] = dict(study.user_attrs.get(RESCORED) or {})
     if frame.empty or top <= 0:
         return stored
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    searched = {
-        row["layers"]: _per_sample(trials[int(row["trial"])]) for _, row in frame.iterrows()
-    }
     todo = [key for key in candidates(frame, caps, top) if key not in stored]
     for key in tqdm(todo, desc="re-score", unit="config", disable=not progress):
-        values = list(searched.get(key) or []) + [float(x) for x in evaluate(key)]
+        values = [float(x) for x in evaluate(key)]
         stored[key] = {
             "loss": sum(values) / len(values),
             "samples": len(values),
@@ -65,7 +61,3 @@ def rescore(
         }
         study.set_user_attr(RESCORED, stored)  # after each: a killed run keeps what it measured
     return stored
-
-
-def _per_sample(trial: Any) -> list[float]:
-    return list((trial.user_attrs.get("metrics") or {}).get("per_sample_kl") or [])

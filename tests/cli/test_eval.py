@@ -59,7 +59,7 @@ def test_eval_with_accuracy_tasks(capsys, checkpoint, tmp_path):
         ("KV3", [], "KV3"),
         ("missing.yaml", [], "missing.yaml: config file not found"),
         ("KV4", ["--text", "nope.txt"], "nope.txt: text file not found"),
-        ("KV4", ["--chunk", "0"], "--chunk must be at least 1"),
+        ("KV4", ["--chunk", "0"], "--chunk': Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_input(capsys, checkpoint, config, extra, message):
