@@ -10,7 +10,7 @@ All take the budget of `kvtuner.memory.budget_costs` (effective bits at a contex
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import asdict
 
 import pandas as pd
 
@@ -75,7 +75,7 @@ def greedy_under(
 
     pruned = prune_table(sensitivity)
     space = SearchSpace.per_layer(
-        [pruned[i] for i in range(shape.num_layers)], model=base.model or "", **_layout(base)
+        [pruned[i] for i in range(shape.num_layers)], model=base.model or "", **asdict(base.layout)
     )
     costs = budget_costs(
         [g.candidates for g in space.groups], base.layout, shape, budget=budget, context=context
@@ -104,14 +104,3 @@ def knapsack_under(
     return allocate_configs(
         losses(layer_kl, shape.num_layers), base, shape, caps, budget=budget, context=context
     )
-
-
-def _layout(base: PrecisionConfig) -> dict[str, Any]:
-    return {
-        "scheme": base.scheme,
-        "group_size": base.group_size,
-        "residual_length": base.residual_length,
-        "block_size": base.block_size,
-        "sink_tokens": base.sink_tokens,
-        "smooth": base.smooth,
-    }

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -269,16 +269,7 @@ def measure_layer_kl(
     context = int(layer_samples.shape[1]) - continuation
     protocol = EvalProtocol(context, continuation, continuation)
     evaluator = Evaluator(model, layer_samples, protocol, progress=progress)
-    base = PrecisionConfig.uniform(
-        "fp16",
-        num_layers,
-        scheme=s.scheme,
-        group_size=s.group_size,
-        block_size=s.block_size,
-        residual_length=s.residual_length,
-        sink_tokens=s.sink_tokens,
-        smooth=s.smooth,
-    )
+    base = PrecisionConfig.uniform("fp16", num_layers, **asdict(s.layout))
     candidates = prune_table(table)
     kl_table = layer_kl_table(evaluator, base, candidates, progress=progress)
     merged = kl_table.merge(table, on=["layer", "key_bits", "value_bits"])

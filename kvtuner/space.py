@@ -67,15 +67,9 @@ class SearchSpace:
 
     @property
     def layout_fields(self) -> dict[str, Any]:
-        """The PrecisionConfig fields of this space's cache layout."""
-        return {
-            "scheme": self.scheme,
-            "group_size": self.group_size,
-            "residual_length": self.residual_length,
-            "block_size": self.block_size,
-            "sink_tokens": self.sink_tokens,
-            "smooth": self.smooth,
-        }
+        """The PrecisionConfig fields of this space's cache layout (those of `Layout`)."""
+        fields = ("scheme", "group_size", "block_size", "residual_length", "sink_tokens", "smooth")
+        return {name: getattr(self, name) for name in fields}
 
     @property
     def size(self) -> int:

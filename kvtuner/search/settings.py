@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -318,18 +318,7 @@ def per_layer_space(
             points = np.array([[costs[layer][p], kl] for p, kl in pairs])
             kept = [pairs[i][0] for i in pareto_front(points)]
             candidates.append(tuple(sorted(kept, key=lambda p: (-p.equivalent_bits, -p.key_bits))))
-    fields = {
-        key: getattr(base, key)
-        for key in (
-            "scheme",
-            "group_size",
-            "residual_length",
-            "block_size",
-            "sink_tokens",
-            "smooth",
-        )
-    }
-    return SearchSpace.per_layer(candidates, model=base.model or "", **fields)
+    return SearchSpace.per_layer(candidates, model=base.model or "", **asdict(base.layout))
 
 
 def _space_path(settings: SearchSettings, folder: Path) -> Path | None:
