@@ -7,7 +7,7 @@ MODEL ?= gemma-3-270m
 
 .PHONY: install run test lint reproduce clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first: the pinned CPU wheel, so nothing pulls a CUDA build
