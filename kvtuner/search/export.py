@@ -27,6 +27,7 @@ from kvtuner.search.study import completed_trials
 
 DEFAULT_CAPS: tuple[float, ...] = defaults.CAPS
 RESCORED = "rescored"  # study user attribute: {layers key: {"loss", "samples", "per_sample"}}
+ANCHORS = "anchors"  # study user attribute: {cap: layers key of the exact knapsack under it}
 SCALAR_METRICS = ("kl", "ppl", "accuracy", "proxy")
 
 
@@ -121,16 +122,42 @@ def front_table(front: pd.DataFrame, objective: str) -> pd.DataFrame:
     return table[[c for c in columns if c in table.columns]]
 
 
-def best_under(frame: pd.DataFrame, cap: float) -> pd.Series | None:
-    """The best row with budget bits <= cap: the lowest re-scored loss among re-scored rows, else
-    the lowest loss (ties: fewer bits, then earlier trial)."""
+def best_under(
+    frame: pd.DataFrame,
+    cap: float,
+    anchor: str | None = None,
+    rescored: dict[str, Any] | None = None,
+) -> pd.Series | None:
+    """The best row with budget bits <= cap.
+
+    Among re-scored rows, the lowest re-scored loss; but when the cap's `anchor` (the exact
+    knapsack's layers key) was re-scored too, another row replaces it only when it is better on
+    the re-scoring samples by more than one standard error of the paired difference: in a tie
+    the exact solution stays. Without re-scoring, the lowest search loss (ties: fewer bits, then
+    earlier trial).
+    """
     under = frame[frame["bits"] <= cap + 1e-9]
     if under.empty:
         return None
-    rescored = under[under["rescored_loss"].notna()]
-    if not rescored.empty:
-        return rescored.sort_values(["rescored_loss", "bits", "trial"]).iloc[0]
-    return under.sort_values(["loss", "bits", "trial"]).iloc[0]
+    scored = under[under["rescored_loss"].notna()]
+    if scored.empty:
+        return under.sort_values(["loss", "bits", "trial"]).iloc[0]
+    best = scored.sort_values(["rescored_loss", "bits", "trial"]).iloc[0]
+    base = scored[scored["layers"] == anchor]
+    if base.empty or best["layers"] == anchor or not rescored:
+        return best
+    mean, error = paired(rescored[best["layers"]]["per_sample"], rescored[anchor]["per_sample"])
+    return best if mean < -error else base.iloc[0]
+
+
+def paired(values: list[float], reference: list[float]) -> tuple[float, float]:
+    """Mean and standard error of `values - reference`, sample by sample."""
+    diffs = [a - b for a, b in zip(values, reference)]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, 0.0
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, (variance / len(diffs)) ** 0.5
 
 
 def export_study(
@@ -163,8 +190,11 @@ def export_study(
             frame, front, tmp, objective=objective, caps=caps, title=title, bits_label=label
         )
     choices, missing = [], []
+    anchors = attrs.get(ANCHORS) or {}
+    rescored = attrs.get(RESCORED) or {}
     for cap in sorted(caps):
-        row = None if frame.empty else best_under(frame, cap)
+        anchor = anchors.get(cap_label(cap))
+        row = None if frame.empty else best_under(frame, cap, anchor, rescored)
         if row is None:
             missing.append(cap)
             continue

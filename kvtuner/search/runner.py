@@ -215,7 +215,16 @@ def rescore_study(prep: PreparedSearch, study: optuna.Study, quiet: bool = False
         config = PrecisionConfig(layers=tuple(parse_layers_key(key)), **fields)
         return list(evaluator.evaluate(config).per_sample_kl)
 
-    rescore(study, evaluate, settings.caps, settings.rescore_top, progress=not quiet)
+    anchors = {}
+    if prep.losses is not None:
+        from kvtuner.search.seeding import knapsack_at
+
+        for cap in settings.caps:
+            choices = knapsack_at(prep.problem, prep.losses, cap)
+            if choices is not None:
+                anchors[cap] = prep.problem.key(choices)
+    rescore(study, evaluate, settings.caps, settings.rescore_top, anchors=anchors,
+            progress=not quiet)  # fmt: skip
 
 
 def _open(prep: PreparedSearch, index: int) -> optuna.Study:

@@ -166,6 +166,7 @@ class PreparedSearch:
     signature: StudySignature
     loaded: Any = None
     shape: Any = None  # kvtuner.memory.ModelShape
+    losses: Any = None  # per group: summed single-layer KL per candidate (None without the table)
 
     @property
     def where(self) -> str:
@@ -226,9 +227,9 @@ def prepare(
     errors = group_errors(space, sensitivity)
     losses = _losses(space, layer_kl)
     smallest = SearchProblem(space, cap=max(settings.caps), costs=group_cost).min_bits()
-    if min(settings.caps) < smallest - 1e-9:
+    if max(settings.caps) < smallest - 1e-9:  # a lower cap alone is reported missing at export
         raise ConfigError(
-            f"--max-bits {min(settings.caps):g}: below the smallest config in the space "
+            f"--max-bits {max(settings.caps):g}: below the smallest config in the space "
             f"({smallest:.3g} {settings.budget} bits, from {space_path})"
         )
     context = settings.context or int(
@@ -279,6 +280,7 @@ def prepare(
         study_name=study_name,
         signature=signature,
         loaded=loaded,
+        losses=losses,
     )
 
 

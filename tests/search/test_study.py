@@ -192,3 +192,28 @@ def test_a_study_whose_creator_has_not_yet_written_its_signature_is_waited_for(t
     study = open_study(storage, "st", SIGNATURE, where="here")
     thread.join()
     assert study.user_attrs["kvtuner_study"] == 1 and study.user_attrs["model"] == "m"
+
+
+def test_export_keeps_the_exact_knapsack_unless_another_config_is_clearly_better():
+    import pandas as pd
+
+    from kvtuner.search.export import best_under
+
+    frame = pd.DataFrame(
+        {
+            "trial": [0, 1, 2],
+            "loss": [0.30, 0.20, 0.25],
+            "bits": [4.0, 3.9, 3.8],
+            "layers": ["A", "B", "C"],
+            "rescored_loss": [1.0, 0.98, 0.55],
+        }
+    )
+    rescored = {
+        "A": {"per_sample": [1.0, 1.2, 0.8, 1.0]},
+        "B": {"per_sample": [0.9, 1.3, 0.7, 1.02]},  # lower mean, inside one standard error
+        "C": {"per_sample": [0.5, 0.7, 0.4, 0.6]},  # better on every sample
+    }
+    assert best_under(frame, 4.0, "A", rescored)["layers"] == "C"
+    assert best_under(frame.iloc[:2], 4.0, "A", rescored)["layers"] == "A"  # B ties: the anchor stays
+    assert best_under(frame.iloc[:2], 4.0, None, rescored)["layers"] == "B"  # no anchor: the lowest
+    assert best_under(frame, 3.85, "A", rescored)["layers"] == "C"  # A over the cap
