@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from kvtuner.cache import KVTunerCache
-from kvtuner.compat import output_cache, text_config, with_cache
+from kvtuner.compat import model_shape, output_cache, with_cache
 from kvtuner.config import PrecisionConfig
 
 
@@ -239,8 +239,7 @@ def run_bench(
         for name, _ in kinds
     ]
     ours, dense = rows[0], rows[1]
-    cfg = text_config(model.config)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = model_shape(model.config)
     dtype_bits = torch.finfo(next(model.parameters()).dtype).bits
     agree = sum(a == b for a, b in zip(ours.tokens, dense.tokens)) / len(dense.tokens)
     return {
@@ -259,7 +258,7 @@ def run_bench(
         "dense_tokens_per_s": dense.tokens_per_s,
         "speed_ratio": ours.tokens_per_s / dense.tokens_per_s,
         "equivalent_bits": config.equivalent_bits,
-        "effective_bits": config.effective_bits(head_dim, context + new_tokens, dtype_bits),
+        "effective_bits": config.effective_bits(shape, context + new_tokens, dtype_bits),
         "peak_memory_bytes": ours.peak_memory_bytes,
         "dense_peak_memory_bytes": dense.peak_memory_bytes,
         "greedy_agreement": agree,

@@ -214,6 +214,7 @@ def test_export_keeps_the_exact_knapsack_unless_another_config_is_clearly_better
         "C": {"per_sample": [0.5, 0.7, 0.4, 0.6]},  # better on every sample
     }
     assert best_under(frame, 4.0, "A", rescored)["layers"] == "C"
-    assert best_under(frame.iloc[:2], 4.0, "A", rescored)["layers"] == "A"  # B ties: the anchor stays
+    # B ties: the anchor stays
+    assert best_under(frame.iloc[:2], 4.0, "A", rescored)["layers"] == "A"
     assert best_under(frame.iloc[:2], 4.0, None, rescored)["layers"] == "B"  # no anchor: the lowest
     assert best_under(frame, 3.85, "A", rescored)["layers"] == "C"  # A over the cap
