@@ -77,41 +77,58 @@ def rows_for(num_layers: int) -> list[tuple[str, str, PrecisionConfig, bool]]:
     return rows
 
 
-def measure(model_name: str, samples: int, seed: int) -> pd.DataFrame:
+LAYOUT = ("scheme", "group_size", "sink_tokens", "smooth", "quantize_prefill", "equivalent_bits")
+MEASURED = ("kl", "kl_stderr", "ppl", "per_sample_kl")
+
+
+def _layout(record: dict) -> tuple:
+    """What identifies a measured config across runs (NaN group sizes read back as None)."""
+    values = [record[k] for k in LAYOUT]
+    return tuple(None if isinstance(v, float) and v != v else v for v in values)
+
+
+def measure(
+    model_name: str, samples: int, seed: int, saved: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Every row of `rows_for`; with `saved` (a previous CSV of the same samples), a row whose
+    config is there is taken from it and only the others are measured."""
     loaded = load_model(model_name)
     shape = model_shape(loaded.model.config)
     protocol = EvalProtocol(512, 128, 32)
     tokens = eval_samples(loaded.tokenizer, None, samples, protocol, seed=seed)
     evaluator = Evaluator(loaded.model, tokens, protocol)
-    evaluator.reference()
+    known = {}
+    if saved is not None and len(saved.per_sample_kl.iloc[0].split()) == samples:
+        for record in saved.to_dict("records"):
+            known.setdefault(_layout(record), {k: record[k] for k in MEASURED})
     records, seen = [], {}
     for study, label, config, quantize_prefill in rows_for(loaded.num_layers):
+        record = {
+            "model": model_name,
+            "study": study,
+            "row": label,
+            "scheme": config.scheme,
+            "group_size": config.group_size,
+            "sink_tokens": config.sink_tokens,
+            "smooth": config.smooth,
+            "quantize_prefill": quantize_prefill,
+            "equivalent_bits": config.equivalent_bits,
+            "effective_bits": config.effective_bits(shape, 4096),
+        }
         key = (config, quantize_prefill)
+        if key not in seen and _layout(record) in known:
+            seen[key] = known[_layout(record)]
         if key not in seen:  # the same config in two studies is measured once
             started = time.perf_counter()
-            seen[key] = evaluator.evaluate(config, quantize_prefill=quantize_prefill)
-            log(
-                f"{model_name} {label}: KL {seen[key].kl:.4f} ({time.perf_counter() - started:.1f} s)"
-            )
-        result = seen[key]
-        records.append(
-            {
-                "model": model_name,
-                "study": study,
-                "row": label,
-                "scheme": config.scheme,
-                "group_size": config.group_size,
-                "sink_tokens": config.sink_tokens,
-                "smooth": config.smooth,
-                "quantize_prefill": quantize_prefill,
-                "equivalent_bits": config.equivalent_bits,
-                "effective_bits": config.effective_bits(shape, 4096),
+            result = evaluator.evaluate(config, quantize_prefill=quantize_prefill)
+            seen[key] = {
                 "kl": result.kl,
                 "kl_stderr": result.kl_stderr,
                 "ppl": result.ppl,
                 "per_sample_kl": " ".join(f"{x:.6g}" for x in result.per_sample_kl),
             }
-        )
+            log(f"{model_name} {label}: KL {result.kl:.4f} ({time.perf_counter() - started:.1f} s)")
+        records.append(record | seen[key])
     return pd.DataFrame(records)
 
 
@@ -215,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--from-csv", action="store_true", help="measure nothing: render the saved CSVs in --out"
     )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take rows whose config the saved CSV already holds (same samples); measure the rest",
+    )
     args = parser.parse_args(argv)
     frames = []
     for name in args.models:
@@ -222,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.from_csv:
             frame = pd.read_csv(path)
         else:
-            frame = measure(name, args.samples, args.seed)
+            saved = pd.read_csv(path) if args.reuse and path.is_file() else None
+            frame = measure(name, args.samples, args.seed, saved)
             args.out.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 frame.to_csv(tmp, index=False, float_format="%.6g")
