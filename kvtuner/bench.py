@@ -194,6 +194,7 @@ def run_bench(
     new_tokens: int = 64,
     rounds: int = 3,
     peer_bits: int | None = 4,
+    quantize_prefill: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure the config's cache, the dense cache (and transformers' QuantizedCache) side by side.
@@ -204,7 +205,10 @@ def run_bench(
     device = next(model.parameters()).device
     ids = context_ids(tokenizer, context, device)
     kinds: list[tuple[str, Callable[[], Any]]] = [
-        (f"kvtuner {config.name}", lambda: KVTunerCache(config, model.config)),
+        (
+            f"kvtuner {config.name}",
+            lambda: KVTunerCache(config, model.config, quantize_prefill=quantize_prefill),
+        ),
         ("dense DynamicCache", lambda: DynamicCache(config=model.config)),
     ]
     if peer_bits:

@@ -410,3 +410,23 @@ def test_padding_stays_out_of_the_channel_scale():
     layer.update(keys, keys.clone())
     scale = layer.stores.store.channel_scale  # stacked: [2, batch, heads, 1, head_dim]
     assert scale[:, 0].max() < 100
+
+
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
+def test_head_dim_80_model_works_under_both_schemes(scheme):
+    """head_dim 80 (Phi-style): per-token groups fall to 20 channels and KIVI's key blocks
+    (tokens) and value groups (channels) are separate numbers, so nothing is refused."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=160, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=80, max_position_embeddings=512)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = prompt(batch=1, length=80)
+    reference = greedy(model, ids, DynamicCache(config=model.config), tokens=16)
+    kv8 = kvtuner.quantized_cache(model, "KV8", scheme=scheme)
+    assert (greedy(model, ids, kv8, tokens=16) == reference).float().mean().item() >= 0.9
+    kv4 = kvtuner.quantized_cache(model, "KV4", scheme=scheme)
+    greedy(model, ids, kv4, tokens=16)
+    assert 0 < kv4.nbytes() < kv4.dense_nbytes()

@@ -14,6 +14,7 @@ from kvtuner.cli.common import (
     DtypeOption,
     JsonOption,
     ModelOption,
+    QuantizePrefillOption,
     emit_json,
     info,
 )
@@ -45,6 +46,7 @@ def bench(
     ] = 4,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
+    quantize_prefill: QuantizePrefillOption = False,
     json: JsonOption = False,
 ) -> None:
     """Measure memory and decode speed of this cache and of the dense DynamicCache in one run."""
@@ -71,6 +73,7 @@ def bench(
         new_tokens=new_tokens,
         rounds=rounds,
         peer_bits=peer_bits or None,
+        quantize_prefill=quantize_prefill,
         progress=None if json else (lambda msg: info(msg)),
     )
     result["model"] = loaded.name

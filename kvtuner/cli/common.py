@@ -64,6 +64,14 @@ BudgetContextOption = Annotated[
     int,
     typer.Option("--context", min=1, help="Tokens at which effective bits are counted."),
 ]
+QuantizePrefillOption = Annotated[
+    bool,
+    typer.Option(
+        "--quantize-prefill",
+        help="The prompt's own forward attends to its quantized keys and values (default: exact, "
+        "stored quantized, as in KIVI and transformers' QuantizedCache).",
+    ),
+]
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON object and nothing else on stdout.")
 ]

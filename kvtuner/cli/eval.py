@@ -19,6 +19,7 @@ from kvtuner.cli.common import (
     JsonOption,
     MaxNewTokensOption,
     ModelOption,
+    QuantizePrefillOption,
     SeedOption,
     emit_json,
     info,
@@ -65,6 +66,7 @@ def eval_command(
     seed: SeedOption = 0,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
+    quantize_prefill: QuantizePrefillOption = False,
     json: JsonOption = False,
 ) -> None:
     """Quality of a precision config with the real quantized cache, against full precision."""
@@ -94,7 +96,9 @@ def eval_command(
         context or protocol_for(loaded.model.config).context, continuation, chunk
     )
     tokens = eval_samples(loaded.tokenizer, corpus, samples, protocol, seed=seed)
-    result = Evaluator(loaded.model, tokens, protocol, progress=not json).evaluate(cfg)
+    result = Evaluator(loaded.model, tokens, protocol, progress=not json).evaluate(
+        cfg, quantize_prefill=quantize_prefill
+    )
     from kvtuner.compat import model_shape
 
     shape = model_shape(loaded.model.config)
@@ -114,6 +118,7 @@ def eval_command(
         "context": protocol.context,
         "continuation": continuation,
         "per_sample_kl": list(result.per_sample_kl),
+        "quantize_prefill": quantize_prefill,
         "text": str(text) if text is not None else "heldout",
     }
     if task_list is not None:

@@ -18,6 +18,7 @@ from kvtuner.cli.common import (
     DtypeOption,
     JsonOption,
     ModelOption,
+    QuantizePrefillOption,
     emit_json,
     info,
 )
@@ -45,6 +46,7 @@ def generate(
     ] = False,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
+    quantize_prefill: QuantizePrefillOption = False,
     json: JsonOption = False,
 ) -> None:
     """Stream greedy text to stdout, then print the KV memory held against a dense cache to stderr."""
@@ -83,7 +85,7 @@ def generate(
 
     from kvtuner.cache import quantized_cache
 
-    cache = quantized_cache(loaded.model, precision)
+    cache = quantized_cache(loaded.model, precision, quantize_prefill=quantize_prefill)
     streamer = None
     if not json:
         from transformers import TextStreamer

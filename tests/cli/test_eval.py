@@ -67,3 +67,13 @@ def test_bad_input(capsys, checkpoint, config, extra, message):
     assert rc == 2
     assert captured.err.startswith("kvtuner: error:") and message in captured.err
     assert captured.out == ""
+
+
+def test_quantize_prefill_is_an_option_and_costs_quality(capsys, checkpoint):
+    rc, exact = run_eval(capsys, checkpoint, "KV2")
+    assert rc == 0
+    rc, quantized = run_eval(capsys, checkpoint, "KV2", "--quantize-prefill")
+    assert rc == 0
+    exact, quantized = json.loads(exact.out), json.loads(quantized.out)
+    assert exact["quantize_prefill"] is False and quantized["quantize_prefill"] is True
+    assert quantized["kl"] > exact["kl"]  # the prompt's forward compounds its own errors
