@@ -55,7 +55,7 @@ from kvtuner.tables import RESULT_COLUMNS, block_key, results_markdown, update_r
 
 MODELS = ("gemma-3-270m", "smollm2-135m", "qwen2.5-coder-0.5b")
 ROOT = Path(__file__).resolve().parent.parent
-BENCH_ROWS = ("KV8", "KV4", "KV2")  # uniform rows timed; plus the search at the middle cap
+BENCH_ROWS = ("KV8", "KV4", "KV2", "search")  # uniform rows timed, and the search at the middle cap
 BENCH_MODEL, BENCH_CONFIG, BENCH_ROUNDS = "smollm2-135m", "KV4", 5
 _START = time.perf_counter()
 
@@ -80,6 +80,7 @@ class Settings:
     bench_context: int
     bench_tokens: int
     bench_rounds: int
+    bench_rows: tuple[str, ...]
     peers: bool
     extras: bool
 
@@ -124,8 +125,8 @@ def table_rows(loaded: Any, scheme: str, settings: Settings, evaluator: Evaluato
     middle = sorted(settings.caps)[len(settings.caps) // 2]
     for index, row in frame.iterrows():
         # the uniform rows once (not again as the best uniform config under a cap)
-        timed = row.method == "uniform" and row.label in BENCH_ROWS and row.cap != row.cap
-        timed |= row.method == "search" and row.cap == middle
+        timed = row.method == "uniform" and row.label in settings.bench_rows and row.cap != row.cap
+        timed |= row.method == "search" and "search" in settings.bench_rows and row.cap == middle
         if not timed:
             continue
         log(
@@ -332,6 +333,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--bench-context", type=int, default=2048)
     parser.add_argument("--bench-tokens", type=int, default=32)
     parser.add_argument("--bench-rounds", type=int, default=3)
+    parser.add_argument(
+        "--bench-rows",
+        default=",".join(BENCH_ROWS),
+        help="rows timed in each table: uniform specs and/or `search` (the middle cap); '' for none",
+    )
     args = parser.parse_args(argv)
     return Settings(
         models=tuple(args.models), schemes=tuple(args.schemes), caps=defaults.CAPS, out=args.out,
@@ -339,7 +345,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         configs=args.configs, samples=args.samples, seed=args.seed,
         continuation=defaults.EVAL_CONTINUATION, memory_tokens=args.memory_tokens,
         bench_context=args.bench_context, bench_tokens=args.bench_tokens,
-        bench_rounds=args.bench_rounds, peers=not args.no_peers, extras=not args.no_extras,
+        bench_rounds=args.bench_rounds, bench_rows=tuple(r for r in args.bench_rows.split(",") if r),
+        peers=not args.no_peers, extras=not args.no_extras,
     )  # fmt: skip
 
 
