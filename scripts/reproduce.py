@@ -55,7 +55,6 @@ from kvtuner.tables import RESULT_COLUMNS, block_key, results_markdown, update_r
 
 MODELS = ("gemma-3-270m", "smollm2-135m", "qwen2.5-coder-0.5b")
 ROOT = Path(__file__).resolve().parent.parent
-BENCH_ROWS = ("KV8", "KV4", "KV2", "search")  # uniform rows timed, and the search at the middle cap
 BENCH_MODEL, BENCH_CONFIG, BENCH_ROUNDS = "smollm2-135m", "KV4", 5
 _START = time.perf_counter()
 
@@ -327,16 +326,17 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--no-peers", action="store_true", help="skip transformers' QuantizedCache")
     parser.add_argument("--calibration", type=Path, default=ROOT / "calibration")
     parser.add_argument("--configs", type=Path, default=ROOT / "searched_configs")
-    parser.add_argument("--samples", type=int, default=12)
+    parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-tokens", type=int, default=4096)
     parser.add_argument("--bench-context", type=int, default=2048)
     parser.add_argument("--bench-tokens", type=int, default=32)
-    parser.add_argument("--bench-rounds", type=int, default=3)
+    parser.add_argument("--bench-rounds", type=int, default=1)
     parser.add_argument(
         "--bench-rows",
-        default=",".join(BENCH_ROWS),
-        help="rows timed in each table: uniform specs and/or `search` (the middle cap); '' for none",
+        default="search",
+        help="rows timed in each table, comma-separated: uniform specs (KV8,KV4,KV2) and/or `search` "
+        "(the middle cap); '' for none (the headline bench always runs)",
     )
     args = parser.parse_args(argv)
     return Settings(
