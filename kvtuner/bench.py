@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from kvtuner import defaults
 from kvtuner.cache import KVTunerCache
 from kvtuner.compat import model_shape, output_cache, with_cache
 from kvtuner.config import PrecisionConfig
@@ -194,7 +195,7 @@ def run_bench(
     new_tokens: int = 64,
     rounds: int = 3,
     peer_bits: int | None = 4,
-    quantize_prefill: bool = False,
+    quantize_prefill: bool = defaults.QUANTIZE_PREFILL,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure the config's cache, the dense cache (and transformers' QuantizedCache) side by side.

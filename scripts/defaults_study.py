@@ -116,8 +116,8 @@ def measure(
             "effective_bits": config.effective_bits(shape, 4096),
         }
         key = (config, quantize_prefill)
-        if key not in seen and _layout(record) in known:
-            seen[key] = known[_layout(record)]
+        if key not in seen and (saved_row := known.get(_layout(record))) is not None:
+            seen[key] = saved_row
         if key not in seen:  # the same config in two studies is measured once
             started = time.perf_counter()
             result = evaluator.evaluate(config, quantize_prefill=quantize_prefill)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from kvtuner import defaults
 from kvtuner.cli.app import app
 from kvtuner.cli.common import (
     DEFAULT_MODEL,
@@ -46,7 +47,7 @@ def bench(
     ] = 4,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
-    quantize_prefill: QuantizePrefillOption = False,
+    quantize_prefill: QuantizePrefillOption = defaults.QUANTIZE_PREFILL,
     json: JsonOption = False,
 ) -> None:
     """Measure memory and decode speed of this cache and of the dense DynamicCache in one run."""

@@ -66,7 +66,7 @@ def eval_command(
     seed: SeedOption = 0,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
-    quantize_prefill: QuantizePrefillOption = False,
+    quantize_prefill: QuantizePrefillOption = defaults.QUANTIZE_PREFILL,
     json: JsonOption = False,
 ) -> None:
     """Quality of a precision config with the real quantized cache, against full precision."""

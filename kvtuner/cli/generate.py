@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from kvtuner import defaults
 from kvtuner.cli.app import app
 from kvtuner.cli.common import (
     DEFAULT_MODEL,
@@ -46,7 +47,7 @@ def generate(
     ] = False,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
-    quantize_prefill: QuantizePrefillOption = False,
+    quantize_prefill: QuantizePrefillOption = defaults.QUANTIZE_PREFILL,
     json: JsonOption = False,
 ) -> None:
     """Stream greedy text to stdout, then print the KV memory held against a dense cache to stderr."""
