@@ -56,6 +56,10 @@ class QuantizedKVLayer(DynamicLayer):
         self._res: torch.Tensor | None = None  # [2, batch, heads, residual, head_dim]
         # bool [batch, positions]: False where the attention mask says padding (see KVTunerCache)
         self.valid: torch.Tensor | None = None
+        # set by KVTunerCache for a forward whose attention is kvtuner's (kvtuner.attention): a
+        # decode step then returns no history; the attention reads the stores as they are held
+        self.fused = False
+        self.pending: int | None = None  # tokens the fused attention must read, until it has
 
     def __repr__(self) -> str:
         window = f", window={self.sliding_window}" if self.is_sliding else ""
@@ -77,6 +81,8 @@ class QuantizedKVLayer(DynamicLayer):
             block_size=layout.block_size,
             smooth=layout.smooth,
         )
+        if getattr(self, "_reserved", 0):
+            self.stores.reserve(self._reserved)
         empty = key_states.new_empty((2, batch, heads, 0, head_dim))
         self._sink, self._res = empty, empty.clone()
         self.is_initialized = True
@@ -86,6 +92,8 @@ class QuantizedKVLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.pending is not None:  # the last step's attention was not kvtuner's
+            self.finish_attention()
         new = key_states.shape[-2]
         past = self.cumulative_length
         self.cumulative_length += new
@@ -102,12 +110,33 @@ class QuantizedKVLayer(DynamicLayer):
             self._res = cat_tokens(self._res, states)
             self._flush()
         visible = new + (min(past, self.sliding_window - 1) if self.is_sliding else past)
+        if self.fused and new == 1 and past > 0:
+            # kvtuner.attention reads the stores in place, then calls finish_attention
+            self.pending = visible
+            return key_states, value_states
         if past == 0 and not self.quantize_prefill:
             keys, values = key_states, value_states
         else:
             keys, values = self._read(visible)
-        self._trim()
+        self._trim(compact=past == 0)
         return keys, values
+
+    def reserve(self, tokens: int) -> None:
+        """This layer will see `tokens` tokens in all: its stores allocate what they will hold
+        then (`kvtuner.memory.held_tokens`) instead of growing with spare rows. A sliding layer
+        that will slide keeps its spare rows (they let it reuse its space)."""
+        if self.is_sliding and tokens > self.sliding_window - 1:
+            return
+        from kvtuner.memory import held_tokens
+
+        self._reserved = held_tokens(self.layout, self.pair, tokens).quantized
+        if self.is_initialized:
+            self.stores.reserve(self._reserved)
+
+    def finish_attention(self) -> None:
+        """After the fused attention of a decode step: drop what the next step cannot see."""
+        self.pending = None
+        self._trim()
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -174,7 +203,15 @@ class QuantizedKVLayer(DynamicLayer):
         return self.stores.tensors() + [self._sink, self._res]
 
     def nbytes(self) -> int:
+        """Bytes allocated, spare capacity of the growing stores included."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def live_nbytes(self) -> int:
+        """Bytes of the tokens held, spare capacity left out (what `kvtuner.memory` models)."""
+        if not self.is_initialized:
+            return 0
+        live = self.stores.live_tensors() + [self._sink, self._res]
+        return sum(t.numel() * t.element_size() for t in live)
 
     def dense_nbytes(self) -> int:
         """Bytes a dense DynamicCache layer of the same dtype would hold now."""
@@ -205,8 +242,11 @@ class QuantizedKVLayer(DynamicLayer):
             return None
         return self.valid[:, None, first : first + count, None]
 
-    def _read(self, visible: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last `visible` keys and values of sinks + stores + residual, dequantized.
+    def _read(
+        self, visible: int, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last `visible` keys and values of sinks + stores + residual, dequantized (in
+        `dtype`, default the cache's).
 
         Stored tokens are dequantized straight into their rows of one output buffer; sinks and
         residual are copied around them (no concatenation of the whole history).
@@ -217,8 +257,10 @@ class QuantizedKVLayer(DynamicLayer):
             both = cat_tokens(
                 self._sink[..., start:, :], self._res[..., max(start - sinks, 0) :, :]
             )
+            both = both if dtype is None else both.to(dtype)
             return both[0], both[1]
-        out = self._res.new_empty((2, self._rows, self._heads, visible, self._head_dim))
+        shape = (2, self._rows, self._heads, visible, self._head_dim)
+        out = self._res.new_empty(shape, dtype=dtype or self._res.dtype)
         front = max(sinks - start, 0)
         if front:
             out[..., :front, :].copy_(self._sink[..., sinks - front :, :])
@@ -228,9 +270,10 @@ class QuantizedKVLayer(DynamicLayer):
             out[..., front + stored - first :, :].copy_(self._res)
         return out[0], out[1]
 
-    def _trim(self) -> None:
+    def _trim(self, compact: bool = False) -> None:
         """Sliding layers: drop what the next step cannot see (sinks, then whole blocks, then the
-        residual's oldest tokens when no block is left): `kvtuner.memory.held_tokens` counts the same."""
+        residual's oldest tokens when no block is left): `kvtuner.memory.held_tokens` counts the same.
+        `compact` (after a prompt) frees the dropped rows; later steps reuse them instead."""
         if not self.is_sliding:
             return
         excess = self.stored_tokens - (self.sliding_window - 1)
@@ -242,7 +285,7 @@ class QuantizedKVLayer(DynamicLayer):
             excess -= drop
         drop = min(excess // self.block * self.block, self.stores.seq_len)
         if drop > 0:
-            self.stores.drop_front(drop)
+            self.stores.drop_front(drop, compact)
             excess -= drop
         if excess > 0 and self.stores.seq_len == 0:
             # a residual longer than the window: it holds the window itself
@@ -256,7 +299,8 @@ class KVTunerCache(Cache):
     sinks); `model_config` the model's config (layer count, layer types, sliding windows). Layer
     types other than full, sliding and chunked attention are refused. Through
     `quantized_cache(model, ...)` the cache also sees the attention mask of each forward, so
-    left-padding stays out of KIVI's per-channel key blocks.
+    left-padding stays out of KIVI's per-channel key blocks, and decode steps attend straight on
+    the packed stores (`kvtuner.attention`) unless `fused_attention=False`.
     """
 
     def __init__(
@@ -265,6 +309,7 @@ class KVTunerCache(Cache):
         model_config: Any,
         *,
         quantize_prefill: bool = defaults.QUANTIZE_PREFILL,
+        fused_attention: bool = True,
     ) -> None:
         windows = sliding_windows(model_config)
         num_layers = text_config(model_config).num_hidden_layers
@@ -281,6 +326,18 @@ class KVTunerCache(Cache):
             for pair, window in zip(config.layers, windows)
         ]
         super().__init__(layers=layers)
+        self.fused_attention = fused_attention
+
+    def reserve(self, tokens: int) -> None:
+        """The cache will hold `tokens` tokens (prompt + new tokens - 1 for a generation): the
+        stores allocate exactly what they will hold, no spare rows. Call before the prompt."""
+        for layer in self.layers:
+            layer.reserve(tokens)
+
+    def set_fused(self, fused: bool) -> None:
+        """Whether the coming forward's attention is kvtuner's (set by the forward hooks)."""
+        for layer in self.layers:
+            layer.fused = fused
 
     def observe_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
         """The 2-D attention mask `[batch, positions]` of the coming forward (1 = token, 0 = padding)."""
@@ -291,8 +348,14 @@ class KVTunerCache(Cache):
             layer.valid = valid
 
     def nbytes(self) -> int:
-        """Bytes really held: packed codes + scales + zero points + full-precision sinks and residual."""
+        """Bytes really held: packed codes + scales + zero points + full-precision sinks and
+        residual, and the spare rows the stores grow into (at most 1/16 + 16 tokens a layer; none
+        right after a prompt)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def live_nbytes(self) -> int:
+        """Bytes of the tokens held, spare rows left out: what `kvtuner.memory` computes."""
+        return sum(layer.live_nbytes() for layer in self.layers)
 
     def dense_nbytes(self) -> int:
         """Bytes a dense cache of the same dtype would hold for the same tokens."""
@@ -302,33 +365,30 @@ class KVTunerCache(Cache):
         return [t for layer in self.layers for t in layer.tensors()]
 
 
-def _observe_attention_mask(module: Any, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: hand the forward's attention mask to a KVTunerCache it is given."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if isinstance(cache, KVTunerCache):
-        cache.observe_attention_mask(kwargs.get("attention_mask"))
-
-
 def quantized_cache(
     model: Any,
     config: Any,
     *,
     scheme: str | None = None,
     quantize_prefill: bool = defaults.QUANTIZE_PREFILL,
+    fused_attention: bool = True,
 ) -> KVTunerCache:
     """A fresh KVTunerCache for `model` from a PrecisionConfig, a YAML path or a spec like "KV4".
 
     Pass it to `model.generate(..., cache=cache)` (`past_key_values=` before transformers 5.24).
-    The first call registers a forward pre-hook on `model` (once) that shows the cache each
-    forward's attention mask, for left-padded batches.
+    The first call sets up `model` once (`kvtuner.attention.interface`): forward hooks that show
+    the cache each forward's attention mask (left-padded batches), and, with `fused_attention`,
+    kvtuner's attention function in place of the model's sdpa/eager one, so decode steps attend
+    straight on the packed codes (other caches and forwards run the model's own function).
     """
+    from kvtuner.attention import interface
     from kvtuner.config import load_config
 
     num_layers = text_config(model.config).num_hidden_layers
     precision = load_config(config, num_layers=num_layers, scheme=scheme)
-    if not getattr(model, "_kvtuner_mask_hook", False) and hasattr(
-        model, "register_forward_pre_hook"
-    ):
-        model.register_forward_pre_hook(_observe_attention_mask, with_kwargs=True)
-        model._kvtuner_mask_hook = True
-    return KVTunerCache(precision, model.config, quantize_prefill=quantize_prefill)
+    interface.attach(model)
+    if fused_attention:
+        fused_attention = interface.enable(model)
+    return KVTunerCache(
+        precision, model.config, quantize_prefill=quantize_prefill, fused_attention=fused_attention
+    )

@@ -53,7 +53,10 @@ def test_formula_matches_nbytes_of_a_filled_cache(arch, layout, context, dtype):
     # decoding token by token ends in the same state (windows of 24 >= residual + block here)
     stepwise = KVTunerCache(precision, config)
     fill(stepwise, shape, [min(context, 5)] + [1] * (context - min(context, 5)), dtype)
-    assert stepwise.nbytes() == prefill.nbytes()
+    assert stepwise.live_nbytes() == prefill.nbytes()
+    # decoding grows the stores with spare rows: allocated, so counted in nbytes, but bounded
+    rows = 17 * 2 * shape.kv_heads * shape.head_dim * size * shape.num_layers
+    assert prefill.nbytes() <= stepwise.nbytes() <= prefill.nbytes() * 9 / 8 + rows
 
 
 def test_effective_bits_by_hand():
@@ -112,10 +115,13 @@ def test_smollm2_bf16_memory_ratio_at_4096_tokens(smollm2_config, spec, scheme, 
     fill(cache, shape, [4088] + [1] * 8, torch.bfloat16)
     dense = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 4096 * cfg.head_dim * 2
     assert cache.dense_nbytes() == dense
-    assert cache.nbytes() / dense <= max_ratio
+    assert cache.live_nbytes() / dense <= max_ratio
     assert cache.nbytes() == sum(t.numel() * t.element_size() for t in cache.tensors())
-    assert cache.nbytes() == cache_bytes(precision.layers, precision.layout, shape, 4096, 2)
-    codes = sum(t.numel() for t in cache.tensors() if t.dtype == torch.uint8)
+    assert cache.live_nbytes() == cache_bytes(precision.layers, precision.layout, shape, 4096, 2)
+    # the decode steps grew the stores by a sixteenth: allocated, counted in nbytes
+    assert cache.live_nbytes() < cache.nbytes() <= cache.live_nbytes() * 17 / 16
+    codes = sum(t.numel() for t in cache.layers[0].stores.live_tensors() if t.dtype == torch.uint8)
+    codes *= cfg.num_hidden_layers
     held = held_tokens(precision.layout, precision.layers[0], 4096)
     bits = int(spec[-1])
     assert (

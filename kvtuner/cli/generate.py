@@ -87,6 +87,7 @@ def generate(
     from kvtuner.cache import quantized_cache
 
     cache = quantized_cache(loaded.model, precision, quantize_prefill=quantize_prefill)
+    cache.reserve(prompt_tokens + max_new_tokens - 1)  # the last new token is never cached
     streamer = None
     if not json:
         from transformers import TextStreamer
@@ -114,7 +115,8 @@ def generate(
         "equivalent_bits": precision.equivalent_bits,
         "prompt_tokens": prompt_tokens,
         "new_tokens": int(new_ids.numel()),
-        "kv_bytes": cache.nbytes(),
+        "kv_bytes": cache.nbytes(),  # allocated (reserved for max_new_tokens; EOS may stop early)
+        "kv_live_bytes": cache.live_nbytes(),  # the tokens alone
         "dense_kv_bytes": cache.dense_nbytes(),
         "tokens_per_s": new_ids.numel() / elapsed if elapsed > 0 else None,
     }

@@ -1,8 +1,10 @@
 """Token stores: the KV history of one tensor (keys or values) of one layer, as it is really held.
 
 Every store takes full-precision tokens `[batch, kv_heads, n, head_dim]` with `append`, holds them
-in its own form, and gives them back dequantized with `read`. Appending never re-quantizes what is
-already stored: packed rows are concatenated.
+in its own form, and gives them back dequantized with `read`, or as they are held with `view`
+(what the fused decode attention reads). Appending never re-quantizes what is already stored:
+packed rows go into a `TokenBuffer`, which grows with spare room instead of copying the history at
+every token.
 
 - `RawStore`: 16 bits, kept as is.
 - `TokenStore`: per-token groups along head_dim (one scale/zero per token per group).
@@ -18,11 +20,64 @@ caller's output buffer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from kvtuner.quant.buffer import MIN_SPARE, TokenBuffer
 from kvtuner.quant.quantizer import dequantize_parts, quantize_per_channel, quantize_per_token
 
 SMOOTH_WARMUP = 32  # tokens whose per-channel magnitudes fix a smoothed store's channel scale
+APPEND_CHUNK = 2048  # a long prompt is quantized this many tokens at a time (bounded transients)
+
+
+@dataclass(frozen=True)
+class RawView:
+    """Live full-precision rows `[..., n, head_dim]` of a 16-bit store."""
+
+    data: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PackedView:
+    """Live rows of a packed store, as held (views, no copy).
+
+    packed: uint8 `[..., n, ceil(head_dim * bits / 8)]`; per token: scale/zero `[..., n, head_dim /
+    group]`; per channel (KIVI keys): scale/zero `[..., n / group, head_dim]` (n whole blocks).
+    channel_scale `[..., 1, head_dim]` multiplies tokens `smooth_from:` back (smoothing), or None.
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    head_dim: int
+    group: int
+    per_channel: bool
+    channel_scale: torch.Tensor | None = None
+    smooth_from: int = 0
+
+    @property
+    def seq_len(self) -> int:
+        return self.packed.shape[-2]
+
+    def select(self, index: int) -> PackedView:
+        """Entry `index` of the leading axis (keys 0 / values 1 of a stacked store)."""
+        cs = None if self.channel_scale is None else self.channel_scale[index]
+        return PackedView(
+            self.packed[index],
+            self.scale[index],
+            self.zero[index],
+            self.bits,
+            self.head_dim,
+            self.group,
+            self.per_channel,
+            cs,
+            self.smooth_from,
+        )
+
+
+StoreView = RawView | PackedView
 
 
 def cat_tokens(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -38,30 +93,41 @@ class RawStore:
     block = 1
 
     def __init__(self) -> None:
-        self.data: torch.Tensor | None = None
+        self.rows = TokenBuffer()
 
     @property
     def seq_len(self) -> int:
-        return 0 if self.data is None else self.data.shape[-2]
+        return len(self.rows)
+
+    @property
+    def data(self) -> torch.Tensor | None:
+        return self.rows.view()
 
     def append(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        self.data = cat_tokens(self.data, x)
+        self.rows.append(x)
 
     def read(self, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens `[start:]` as `[batch, kv_heads, n, head_dim]` (a view, or copied into `out`)."""
         assert self.data is not None
         return self.data[..., start:, :] if out is None else out.copy_(self.data[..., start:, :])
 
-    def drop_front(self, n: int) -> None:
-        if n and self.data is not None:
-            self.data = self.data[..., n:, :].clone()
+    def view(self) -> RawView:
+        return RawView(self.rows.view())
+
+    def reserve(self, tokens: int) -> None:
+        self.rows.reserve(tokens)
+
+    def drop_front(self, n: int, compact: bool = False) -> None:
+        self.rows.drop_front(n, compact)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [] if self.data is None else [self.data]
+        return self.rows.tensors()
+
+    def live_tensors(self) -> list[torch.Tensor]:
+        return [] if self.seq_len == 0 else [self.rows.view()]
 
     def index_batch(self, index: torch.Tensor, dim: int = 0) -> None:
-        if self.data is not None:
-            self.data = self.data.index_select(dim, index.to(self.data.device))
+        self.rows.index_select(dim, index)
 
 
 class _PackedStore:
@@ -71,38 +137,61 @@ class _PackedStore:
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
-        self.packed: torch.Tensor | None = None
-        self.scale: torch.Tensor | None = None
-        self.zero: torch.Tensor | None = None
+        # codes grow by whole blocks; scale/zero rows are one per token or one per block
+        self._packed = TokenBuffer(self.block)
+        rows = max(MIN_SPARE // self.block, 1)  # scale/zero rows a growth adds at least
+        self._scale = TokenBuffer(min_spare=rows)
+        self._zero = TokenBuffer(min_spare=rows)
         self.head_dim = 0
 
     @property
     def seq_len(self) -> int:
-        return 0 if self.packed is None else self.packed.shape[-2]
+        return len(self._packed)
 
-    def _extend(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
-        self.packed = cat_tokens(self.packed, packed)
-        self.scale = cat_tokens(self.scale, scale)
-        self.zero = None if zero is None else cat_tokens(self.zero, zero)
+    @property
+    def packed(self) -> torch.Tensor | None:
+        return self._packed.view()
 
-    def drop_front(self, n: int) -> None:
-        """Drop the first `n` tokens (whole blocks); copies, so the dropped bytes are freed."""
-        if not n or self.packed is None:
+    @property
+    def scale(self) -> torch.Tensor | None:
+        return self._scale.view()
+
+    @property
+    def zero(self) -> torch.Tensor | None:
+        return self._zero.view()
+
+    def _extend(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        self._packed.append(packed)
+        self._scale.append(scale)
+        self._zero.append(zero)
+
+    def drop_front(self, n: int, compact: bool = False) -> None:
+        """Drop the first `n` tokens (whole blocks); `compact` frees their bytes now, else the
+        rows are reused by later appends."""
+        if not n or self.seq_len == 0:
             return
         assert n % self.block == 0, "a store drops whole blocks only"
         rows = n // self.block  # scale/zero rows: one per token, or one per block
-        self.packed = self.packed[..., n:, :].clone()
-        self.scale = self.scale[..., rows:, :].clone()
-        self.zero = None if self.zero is None else self.zero[..., rows:, :].clone()
+        self._packed.drop_front(n, compact)
+        self._scale.drop_front(rows, compact)
+        self._zero.drop_front(rows, compact)
+
+    def reserve(self, tokens: int) -> None:
+        """The store will hold `tokens` tokens at most (whole blocks): allocate no more."""
+        self._packed.reserve(tokens)
+        self._scale.reserve(tokens // self.block)
+        self._zero.reserve(tokens // self.block)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.packed, self.scale, self.zero) if t is not None]
+        return self._packed.tensors() + self._scale.tensors() + self._zero.tensors()
+
+    def live_tensors(self) -> list[torch.Tensor]:
+        """The live rows only (spare capacity left out)."""
+        return [] if self.seq_len == 0 else [self.packed, self.scale, self.zero]
 
     def index_batch(self, index: torch.Tensor, dim: int = 0) -> None:
-        for name in ("packed", "scale", "zero"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.index_select(dim, index.to(t.device)))
+        for buffer in (self._packed, self._scale, self._zero):
+            buffer.index_select(dim, index)
 
 
 class TokenStore(_PackedStore):
@@ -147,11 +236,13 @@ class TokenStore(_PackedStore):
         padding out of the per-channel scale)."""
         if self.smooth and self.channel_scale is None:
             self._observe(x, valid)
-        if self.channel_scale is not None:
-            x = x / self.channel_scale
-        q = quantize_per_token(x, self.bits, self.group_size)
-        self.head_dim = q.head_dim
-        self._extend(q.packed, q.scale, q.zero)
+        for first in range(0, x.shape[-2], APPEND_CHUNK):
+            part = x[..., first : first + APPEND_CHUNK, :]
+            if self.channel_scale is not None:
+                part = part / self.channel_scale
+            q = quantize_per_token(part, self.bits, self.group_size)
+            self.head_dim = q.head_dim
+            self._extend(q.packed, q.scale, q.zero)
 
     def read(self, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens `[start:]`, dequantized: `[b, h, n - start, head_dim]` (into `out` if given)."""
@@ -170,13 +261,31 @@ class TokenStore(_PackedStore):
             out[..., max(self.smooth_from - start, 0) :, :].mul_(self.channel_scale)
         return out
 
-    def drop_front(self, n: int) -> None:
-        super().drop_front(n)
+    def view(self) -> PackedView:
+        return PackedView(
+            self.packed,
+            self.scale,
+            self.zero,
+            self.bits,
+            self.head_dim,
+            self.group_size,
+            False,
+            self.channel_scale,
+            self.smooth_from,
+        )
+
+    def drop_front(self, n: int, compact: bool = False) -> None:
+        super().drop_front(n, compact)
         self.smooth_from = max(self.smooth_from - n, 0)
 
     def tensors(self) -> list[torch.Tensor]:
-        extra = [t for t in (self.peak, self.channel_scale) if t is not None]
-        return super().tensors() + extra
+        return super().tensors() + self._smoothing()
+
+    def live_tensors(self) -> list[torch.Tensor]:
+        return super().live_tensors() + self._smoothing()
+
+    def _smoothing(self) -> list[torch.Tensor]:
+        return [t for t in (self.peak, self.channel_scale) if t is not None]
 
     def index_batch(self, index: torch.Tensor, dim: int = 0) -> None:
         super().index_batch(index, dim)
@@ -190,15 +299,24 @@ class ChannelStore(_PackedStore):
     """Per-channel quantized history in blocks of `block` tokens (KIVI keys): scale/zero `[b, h, n / block, head_dim]`."""
 
     def __init__(self, bits: int, block: int) -> None:
-        super().__init__(bits)
         self.block = block
+        super().__init__(bits)
 
     def append(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Append whole blocks: `x` is `[b, h, k * block, head_dim]`; `valid` (bool `[b, 1, k * block,
         1]`) leaves padded tokens out of each block's min and max."""
-        q = quantize_per_channel(x, self.bits, self.block, valid=valid)
-        self.head_dim = q.head_dim
-        self._extend(q.packed, q.scale, q.zero)
+        chunk = max(APPEND_CHUNK // self.block, 1) * self.block
+        for first in range(0, x.shape[-2], chunk):
+            part = x[..., first : first + chunk, :]
+            ok = None if valid is None else valid[..., first : first + chunk, :]
+            q = quantize_per_channel(part, self.bits, self.block, valid=ok)
+            self.head_dim = q.head_dim
+            self._extend(q.packed, q.scale, q.zero)
+
+    def view(self) -> PackedView:
+        return PackedView(
+            self.packed, self.scale, self.zero, self.bits, self.head_dim, self.block, True
+        )
 
     def read(self, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens `[start:]`, dequantized from the block holding `start` (into `out` if given)."""
@@ -249,12 +367,23 @@ class SeparateKV:
         self.values.read(start, out[1])
         return out
 
-    def drop_front(self, n: int) -> None:
-        self.keys.drop_front(n)
-        self.values.drop_front(n)
+    def drop_front(self, n: int, compact: bool = False) -> None:
+        self.keys.drop_front(n, compact)
+        self.values.drop_front(n, compact)
+
+    def views(self) -> tuple[StoreView, StoreView]:
+        """What the keys and the values stores hold, as held."""
+        return self.keys.view(), self.values.view()
+
+    def reserve(self, tokens: int) -> None:
+        self.keys.reserve(tokens)
+        self.values.reserve(tokens)
 
     def tensors(self) -> list[torch.Tensor]:
         return self.keys.tensors() + self.values.tensors()
+
+    def live_tensors(self) -> list[torch.Tensor]:
+        return self.keys.live_tensors() + self.values.live_tensors()
 
     def index_batch(self, index: torch.Tensor) -> None:
         self.keys.index_batch(index)
@@ -279,11 +408,24 @@ class StackedKV:
         """Tokens `[start:]` of keys and values, stacked `[2, b, h, n, head_dim]` (into `out`)."""
         return self.store.read(start, out)
 
-    def drop_front(self, n: int) -> None:
-        self.store.drop_front(n)
+    def drop_front(self, n: int, compact: bool = False) -> None:
+        self.store.drop_front(n, compact)
+
+    def reserve(self, tokens: int) -> None:
+        self.store.reserve(tokens)
+
+    def views(self) -> tuple[StoreView, StoreView]:
+        """What the keys and the values stores hold, as held."""
+        view = self.store.view()
+        if isinstance(view, RawView):  # noqa: SIM108
+            return RawView(view.data[0]), RawView(view.data[1])
+        return view.select(0), view.select(1)
 
     def tensors(self) -> list[torch.Tensor]:
         return self.store.tensors()
+
+    def live_tensors(self) -> list[torch.Tensor]:
+        return self.store.live_tensors()
 
     def index_batch(self, index: torch.Tensor) -> None:
         self.store.index_batch(index, dim=1)  # dim 0 tells keys from values

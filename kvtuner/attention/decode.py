@@ -1,0 +1,299 @@
+"""One decode step's attention over a `QuantizedKVLayer` as it is held: sinks, packed stores, residual.
+
+The layer's history is three parts, oldest first: full-precision sinks, packed stores and (KIVI) a
+full-precision residual; the newest token is already in it. For queries `[b, heads, 1, d]`:
+
+    scores = [q.k_sinks | q.k_stored (on the codes, `kernels`) | q.k_residual]   [b, kv_heads, g, n]
+    p = softmax(scores + mask);   out = p_sinks v_sinks + mix(p_stored, codes) + p_residual v_residual
+
+with the query heads of one KV head side by side (g = heads / kv_heads, as `repeat_kv` pairs them).
+No dequantized copy of the history is made: the workspace is the scores (n floats per query head)
+plus, on the eager path, the float codes of `kernels.EAGER_CHUNK` tokens. The scaled scores and
+the softmax are float32; the output is cast to the query's dtype.
+
+`reference_decode_attention` is the plain path it is tested against: dequantize the visible history
+(in float32), then attend.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvtuner.attention import kernels
+from kvtuner.quant.store import PackedView, RawView, StoreView
+
+COMPILE_FROM = 1024  # stored tokens from which `auto` compiles the kernels (eager is fast below)
+_COMPILED: dict[str, Callable] = {}
+_COMPILE_FAILED: list[str] = []
+
+
+def compile_mode() -> str:
+    """KVTUNER_COMPILE: `auto` (default: compile once a layer holds COMPILE_FROM tokens), `1`
+    (always) or `0` (never: the eager, chunked kernels)."""
+    mode = os.environ.get("KVTUNER_COMPILE", "auto").lower()
+    return {"on": "1", "true": "1", "off": "0", "false": "0"}.get(mode, mode)
+
+
+def _kernel(name: str, tokens: int) -> Callable | None:
+    """The compiled kernel `name`, or None where eager runs (small, off, or compile failed)."""
+    mode = compile_mode()
+    if mode == "0" or _COMPILE_FAILED or (mode != "1" and tokens < COMPILE_FROM):
+        return None
+    if name not in _COMPILED:
+        # one graph per (bits, group, dtype, shape) family; only the token axis is dynamic
+        # (marked per call): static head sizes let inductor unroll and vectorize the rows
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 64)
+        _COMPILED[name] = torch.compile(getattr(kernels, name), dynamic=False)
+    return _COMPILED[name]
+
+
+def _call(name: str, eager: Callable, tokens: int, *args: Any) -> torch.Tensor:
+    fn = _kernel(name, tokens)
+    if fn is not None:
+        for t in args[1:4]:  # the token axis: dim 2 of codes, scales and zeros
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        if name == "token_value_mix":  # and dim 3 of the weights
+            torch._dynamo.maybe_mark_dynamic(args[0], 3)
+        try:
+            return fn(*args)
+        except Exception as error:  # no compiler, unsupported backend: eager from now on
+            _COMPILE_FAILED.append(f"{type(error).__name__}: {error}".splitlines()[0])
+            warnings.warn(
+                f"kvtuner: torch.compile of the decode kernels failed ({_COMPILE_FAILED[0]}); "
+                "running them eagerly",
+                stacklevel=3,
+            )
+    return eager(*args)
+
+
+# -- per store kind ----------------------------------------------------------------------------------
+def _packed_scores(q: torch.Tensor, view: PackedView) -> torch.Tensor:
+    n = view.seq_len
+    args = (view.packed, view.scale, view.zero, view.bits, view.group)
+    if view.per_channel:
+        eager = lambda *a: kernels.chunked_scores(  # noqa: E731
+            kernels.channel_key_scores, *a, per_channel=True
+        )
+        return _call("channel_key_scores", eager, n, q, *args)
+    eager = lambda *a: kernels.chunked_scores(  # noqa: E731
+        kernels.token_key_scores, *a, per_channel=False
+    )
+    return _call("token_key_scores", eager, n, q, *args)
+
+
+def key_scores(q: torch.Tensor, view: StoreView) -> torch.Tensor:
+    """Scores `[b, h, g, n]` of float32 queries `[b, h, g, d]` against a store's keys, as held."""
+    if isinstance(view, RawView):
+        return q @ view.data.float().transpose(-1, -2)
+    if view.channel_scale is None or view.per_channel:
+        return _packed_scores(q, view)
+    # smoothed: tokens from smooth_from on were divided by the channel scale before quantizing
+    cs = view.channel_scale.float()
+    first = min(view.smooth_from, view.seq_len)
+    if first == 0:
+        return _packed_scores(q * cs, view)
+    head, tail = _split(view, first)
+    return torch.cat([_packed_scores(q, head), _packed_scores(q * cs, tail)], -1)
+
+
+def value_mix(p: torch.Tensor, view: StoreView, head_dim: int) -> torch.Tensor:
+    """`sum_t p_t v_t` `[b, h, g, d]` of float32 weights `[b, h, g, n]` over a store's values."""
+    if isinstance(view, RawView):
+        return p @ view.data.float()
+    if view.channel_scale is None:
+        return _packed_mix(p, view, head_dim)
+    cs = view.channel_scale.float()
+    first = min(view.smooth_from, view.seq_len)
+    if first == 0:
+        return _packed_mix(p, view, head_dim) * cs
+    head, tail = _split(view, first)
+    return (
+        _packed_mix(p[..., :first], head, head_dim)
+        + _packed_mix(p[..., first:], tail, head_dim) * cs
+    )
+
+
+def _packed_mix(p: torch.Tensor, view: PackedView, head_dim: int) -> torch.Tensor:
+    args = (view.packed, view.scale, view.zero, view.bits, view.group, head_dim)
+    return _call("token_value_mix", kernels.chunked_value_mix, view.seq_len, p, *args)
+
+
+def _split(view: PackedView, first: int) -> tuple[PackedView, PackedView]:
+    """Per-token view -> tokens `[:first]`, `[first:]`."""
+
+    def part(rows: slice) -> PackedView:
+        return PackedView(
+            view.packed[..., rows, :],
+            view.scale[..., rows, :],
+            view.zero[..., rows, :],
+            view.bits,
+            view.head_dim,
+            view.group,
+            False,
+        )
+
+    return part(slice(0, first)), part(slice(first, None))
+
+
+# -- one layer ---------------------------------------------------------------------------------------
+def decode_attention(
+    query: torch.Tensor,
+    layer: Any,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    visible: int | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per row over `layer`'s held history -> `[b, 1, heads, d]`.
+
+    query `[b, heads, 1, d]`; `layer` a QuantizedKVLayer whose update stored the new token;
+    `attention_mask` None, bool (True = attend) or additive float, `[b or 1, 1, 1, visible]`,
+    over the last `visible` tokens (default `layer.pending`, what the layer's update left).
+    """
+    b, heads, _, d = query.shape
+    kv_heads = layer._heads
+    g = heads // kv_heads
+    visible = layer.pending if visible is None else visible
+    q = query.float().reshape(b, kv_heads, g, d) * scaling
+    sink, res = layer._sink, layer._res
+    keys, values = layer.stores.views()
+    stored = layer.stores.seq_len
+    counts = (sink.shape[-2], stored, res.shape[-2])
+    if _whole_layer(keys, values, stored, softcap):
+        out = _decode_layer(
+            q, sink, res, keys, values, attention_mask, sum(counts) - visible, visible
+        )
+        return out.reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype)
+    parts = []
+    if counts[0]:
+        parts.append(q @ sink[0].float().transpose(-1, -2))
+    if counts[1]:
+        parts.append(key_scores(q, keys))
+    if counts[2]:
+        parts.append(q @ res[0].float().transpose(-1, -2))
+    scores = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    skip = sum(counts) - visible  # held tokens this query no longer sees (a sliding window)
+    if skip:
+        scores[..., :skip] = -torch.inf
+    if attention_mask is not None:
+        mask = attention_mask.reshape(attention_mask.shape[0], 1, 1, -1)[..., -visible:]
+        seen = scores[..., skip:]
+        if mask.dtype == torch.bool:
+            seen.masked_fill_(~mask, -torch.inf)
+        else:
+            seen.add_(mask.float())
+    p = torch.softmax(scores, dim=-1)
+    out = None
+    first = 0
+    for count, part in zip(counts, ("sink", "stored", "residual")):
+        if not count:
+            continue
+        weights = p[..., first : first + count]
+        if part == "sink":
+            mixed = weights @ sink[1].float()
+        elif part == "residual":
+            mixed = weights @ res[1].float()
+        else:
+            mixed = value_mix(weights, values, d)
+        out = mixed if out is None else out + mixed
+        first += count
+    return out.reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype)
+
+
+def _whole_layer(keys: StoreView, values: StoreView, stored: int, softcap: float | None) -> bool:
+    """Whether one compiled graph runs the layer: packed keys and values, smoothed from their
+    first token or not at all, and a compiled kernel would run (see `_kernel`)."""
+    if softcap or stored == 0:
+        return False
+    if not isinstance(keys, PackedView) or not isinstance(values, PackedView):
+        return False
+    if any(v.channel_scale is not None and v.smooth_from for v in (keys, values)):
+        return False
+    return _kernel("decode_layer", stored) is not None
+
+
+def _decode_layer(q, sink, res, keys, values, attention_mask, skip, visible) -> torch.Tensor:
+    total = sink.shape[-2] + keys.seq_len + res.shape[-2]
+    bias = None
+    if skip or attention_mask is not None:
+        bias = q.new_zeros(
+            (attention_mask.shape[0] if attention_mask is not None else 1, 1, 1, total)
+        )
+        bias[..., :skip] = -torch.inf
+        if attention_mask is not None:
+            mask = attention_mask.reshape(attention_mask.shape[0], 1, 1, -1)[..., -visible:]
+            seen = bias[..., skip:]
+            if mask.dtype == torch.bool:
+                seen.masked_fill_(~mask, -torch.inf)
+            else:
+                seen.add_(mask.float())
+    args = (
+        q,
+        sink,
+        res,
+        keys.packed,
+        keys.scale,
+        keys.zero,
+        keys.channel_scale,
+        values.packed,
+        values.scale,
+        values.zero,
+        values.channel_scale,
+        bias,
+        keys.bits,
+        keys.group,
+        values.bits,
+        values.group,
+        keys.per_channel,
+    )
+    fn = _kernel("decode_layer", keys.seq_len)
+    for t in (keys.packed, keys.scale, keys.zero, values.packed, values.scale, values.zero):
+        torch._dynamo.maybe_mark_dynamic(t, 2)
+    if res.shape[-2] > 1:
+        torch._dynamo.maybe_mark_dynamic(res, 3)
+    if bias is not None:
+        torch._dynamo.maybe_mark_dynamic(bias, 3)
+    try:
+        return fn(*args)
+    except Exception as error:  # no compiler, unsupported backend: eager from now on
+        _COMPILE_FAILED.append(f"{type(error).__name__}: {error}".splitlines()[0])
+        warnings.warn(
+            f"kvtuner: torch.compile of the decode kernels failed ({_COMPILE_FAILED[0]}); "
+            "running them eagerly",
+            stacklevel=3,
+        )
+        return kernels.decode_layer(*args)
+
+
+def reference_decode_attention(
+    query: torch.Tensor,
+    layer: Any,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    visible: int | None = None,
+) -> torch.Tensor:
+    """The plain path: dequantize the last `visible` tokens in float32, then attend (float32)."""
+    b, heads, _, d = query.shape
+    visible = layer.pending if visible is None else visible
+    keys, values = layer._read(visible, dtype=torch.float32)
+    g = heads // keys.shape[1]
+    keys, values = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
+    scores = (query.float() @ keys.transpose(-1, -2)) * scaling  # [b, heads, 1, visible]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask.reshape(attention_mask.shape[0], 1, 1, -1)[..., -visible:]
+        scores = (
+            scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask
+        )
+    out = torch.softmax(scores, -1) @ values
+    return out.transpose(1, 2).to(query.dtype)

@@ -1,0 +1,147 @@
+"""The fused decode attention (on the packed codes) against dequantize-then-attend, on random tensors."""
+
+import itertools
+
+import pytest
+import torch
+
+from kvtuner.attention import decode
+from kvtuner.cache import QuantizedKVLayer
+from kvtuner.precision import Layout, PrecisionPair
+
+BITS = (2, 4, 8, 16)
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16  # GQA: two query heads per KV head
+
+
+def filled_layer(
+    pair: PrecisionPair,
+    layout: Layout,
+    *,
+    dtype=torch.float32,
+    window: int | None = None,
+    batch: int = 1,
+    prompt: int = 45,
+    steps: int = 7,
+    valid: torch.Tensor | None = None,
+    head_dim: int = HEAD_DIM,
+    seed: int = 0,
+) -> QuantizedKVLayer:
+    """A layer fed a prompt and `steps` decode tokens, its last step left for the fused attention."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = QuantizedKVLayer(pair, layout, sliding_window=window)
+    layer.valid = valid
+    for n in [prompt] + [1] * steps:
+        k = (torch.randn(batch, KV_HEADS, n, head_dim, generator=gen) * 2).to(dtype)
+        v = torch.randn(batch, KV_HEADS, n, head_dim, generator=gen).to(dtype)
+        layer.fused = n == 1
+        if layer.pending is not None:
+            layer.finish_attention()
+        layer.update(k, v)
+    assert layer.pending is not None  # the last step returned no history
+    return layer
+
+
+def query(batch: int = 1, dtype=torch.float32, head_dim: int = HEAD_DIM, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, HEADS, 1, head_dim, generator=gen).to(dtype)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def both(layer, q, mask=None, softcap=None):
+    scaling = q.shape[-1] ** -0.5
+    fused = decode.decode_attention(q.float(), layer, mask, scaling, softcap)
+    plain = decode.reference_decode_attention(q.float(), layer, mask, scaling, softcap)
+    return fused, plain
+
+
+@pytest.mark.parametrize(("key_bits", "value_bits"), list(itertools.product(BITS, BITS)))
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_every_pair_matches_dequantize_then_attend(key_bits, value_bits, scheme, sinks):
+    layout = Layout(scheme=scheme, group_size=8, block_size=8, residual_length=8, sink_tokens=sinks)
+    layer = filled_layer(PrecisionPair(key_bits, value_bits), layout)
+    fused, plain = both(layer, query())
+    assert fused.shape == (1, 1, HEADS, HEAD_DIM)
+    assert relative_error(fused, plain) <= 1e-4
+
+
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
+@pytest.mark.parametrize("spec", [(4, 4), (4, 2), (8, 16), (2, 2)])
+def test_sliding_window_left_padded_batch_and_smoothing(scheme, spec):
+    """Window 24 over 52 tokens, 3 rows with 0 / 5 / 11 padding tokens, smoothed per-token stores."""
+    layout = Layout(scheme=scheme, block_size=8, residual_length=8, group_size=8)
+    valid = torch.ones(3, 52, dtype=torch.bool)
+    valid[1, :5] = False
+    valid[2, :11] = False
+    layer = filled_layer(
+        PrecisionPair(*spec), layout, window=24, batch=3, valid=valid, prompt=45, steps=7
+    )
+    assert layer.stored_tokens <= 24 + 8  # the window (KIVI keeps up to a block more)
+    mask = valid[
+        :, None, None, -layer.pending :
+    ]  # what transformers' sdpa mask gives a decode step
+    fused, plain = both(layer, query(batch=3), mask)
+    assert relative_error(fused, plain) <= 1e-4
+    # an additive float mask (eager attention) gives the same
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    fused_add, _ = both(layer, query(batch=3), additive)
+    assert relative_error(fused_add, plain) <= 1e-4
+
+
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
+@pytest.mark.parametrize("spec", [(4, 4), (4, 2), (2, 8), (16, 4)])
+def test_bfloat16_stores(scheme, spec):
+    """bf16 codes' scales: the fused path and a float32 dequantization of the same parts agree."""
+    layout = Layout(scheme=scheme, block_size=8, residual_length=8)
+    layer = filled_layer(PrecisionPair(*spec), layout, dtype=torch.bfloat16)
+    fused, plain = both(layer, query(dtype=torch.bfloat16))
+    assert fused.dtype == torch.float32  # the query's dtype (float32 here)
+    assert relative_error(fused, plain) <= 1e-4
+
+
+def test_softcap_and_odd_head_dim():
+    """Gemma 2's logit soft-capping, and a head of 80 channels (2-bit codes: 20 bytes a row)."""
+    layout = Layout(scheme="per-token", group_size=None)
+    layer = filled_layer(PrecisionPair(2, 4), layout, head_dim=80)
+    fused, plain = both(layer, query(head_dim=80), softcap=5.0)
+    assert relative_error(fused, plain) <= 1e-4
+
+
+def test_long_history_is_chunked_eagerly_and_matches(monkeypatch):
+    """Past EAGER_CHUNK tokens the eager kernels work chunk by chunk (bounded float codes)."""
+    from kvtuner.attention import kernels
+
+    monkeypatch.setattr(kernels, "EAGER_CHUNK", 64)
+    monkeypatch.setenv("KVTUNER_COMPILE", "0")
+    for scheme in ("per-token", "kivi"):
+        layout = Layout(scheme=scheme, block_size=16, residual_length=16, group_size=8)
+        layer = filled_layer(PrecisionPair(4, 2), layout, prompt=300, steps=3)
+        fused, plain = both(layer, query())
+        assert relative_error(fused, plain) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("scheme", "spec", "dtype"),
+    [
+        ("per-token", (4, 4), torch.float32),
+        ("kivi", (4, 2), torch.float32),
+        ("per-token", (8, 2), torch.bfloat16),
+    ],
+)
+def test_compiled_kernels_agree_with_eager(monkeypatch, scheme, spec, dtype):
+    """torch.compile'd kernels (the default past COMPILE_FROM tokens) give the eager numbers,
+    before and after the stores grow (a new capacity must not recompile or misread)."""
+    layout = Layout(scheme=scheme, block_size=8, residual_length=8, group_size=8)
+    layer = filled_layer(PrecisionPair(*spec), layout, dtype=dtype, prompt=120, steps=3)
+    q = query(dtype=dtype)
+    monkeypatch.setenv("KVTUNER_COMPILE", "0")
+    eager = decode.decode_attention(q, layer, None, 0.25)
+    monkeypatch.setenv("KVTUNER_COMPILE", "1")
+    compiled = decode.decode_attention(q, layer, None, 0.25)
+    assert not decode._COMPILE_FAILED
+    assert relative_error(compiled, eager) <= 1e-4
+    plain = decode.reference_decode_attention(q, layer, None, 0.25)
+    assert relative_error(compiled, plain) <= (1e-4 if dtype == torch.float32 else 1e-2)
