@@ -1,10 +1,15 @@
 """Memory and decode speed of a KVTunerCache against the dense DynamicCache, side by side.
 
-One process, one context: each round prefills the same `context` tokens into every cache kind in
-turn and times `new_tokens` greedy decode steps, so both see the same machine state; the tokens/s
-reported is the median over rounds. KV bytes are counted from the tensors each cache holds.
-Peak memory is the process's high-water mark above its level before each run (RSS on CPU,
-allocated bytes on CUDA).
+One process: for each context, each round prefills the same `context` tokens (`batch` rows) into
+every cache kind in turn and times `new_tokens` greedy decode steps, so all see the same machine
+state; the tokens/s reported is the median over rounds. KV bytes are counted from the tensors each
+cache holds. Memory is the process's high-water mark (RSS sampled every 2 ms on CPU, allocated
+bytes on CUDA), per phase:
+
+- prefill peak: above the level before the prompt's forward;
+- decode peak: above the level right after prefill, while decoding (what decoding itself adds);
+- decode level: the decode phase's high-water mark above the level before the prompt (the cache
+  held plus what decoding adds): the figure a memory budget must hold.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,18 +30,6 @@ from kvtuner import defaults
 from kvtuner.cache import KVTunerCache
 from kvtuner.compat import model_shape, output_cache, with_cache
 from kvtuner.config import PrecisionConfig
-
-
-@dataclass(frozen=True)
-class BenchRow:
-    """One cache kind's measurements."""
-
-    name: str
-    kv_bytes: int
-    tokens_per_s: float
-    prefill_s: float
-    peak_memory_bytes: int
-    tokens: list[int]
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -153,37 +146,114 @@ def transformers_quantized_cache(model: Any, bits: int) -> tuple[str, Callable[[
 
 
 # -- the measurement ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    """One cache kind, one round: speed, tokens and memory by phase."""
+
+    prefill_s: float
+    tokens_per_s: float
+    tokens: list[list[int]]
+    kv_bytes: int
+    prefill_peak: int
+    decode_peak: int
+    decode_level: int
+
+
+@contextmanager
+def _phase(device: torch.device) -> Iterator[dict[str, int]]:
+    """Like `peak_memory`, also giving the level at the start ("start", RSS or allocated bytes)."""
+    with peak_memory(device) as peak:
+        peak["start"] = _level(device)
+        yield peak
+
+
+def _level(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        return _rss_bytes()
+    except OSError:
+        return 0
+
+
 @torch.no_grad()
-def _decode(
-    model: Any, ids: torch.Tensor, cache: Any, new_tokens: int
-) -> tuple[float, float, list[int]]:
-    """Prefill `ids` into `cache`, then `new_tokens` greedy steps; (prefill seconds, tokens/s, tokens)."""
+def _decode(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -> Run:
+    """Prefill `ids` into `cache`, then `new_tokens` greedy steps, measuring each phase."""
     device = ids.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
-    start = time.perf_counter()
-    # only the last position's logits, as generate does: the full [context, vocab] would dominate peak memory
-    out = model(ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1:].argmax(-1)
-    sync()
-    prefill = time.perf_counter() - start
-    tokens = [int(token)]
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(token, **with_cache(model, output_cache(out) or cache), use_cache=True)
+    with _phase(device) as prefill_peak:
+        start = time.perf_counter()
+        # only the last position's logits, as generate does: the full [context, vocab] would
+        # dominate peak memory
+        out = model(ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
-        tokens.append(int(token))
-    sync()
-    return prefill, new_tokens / (time.perf_counter() - start), tokens
+        sync()
+        prefill = time.perf_counter() - start
+    cache = output_cache(out) or cache
+    del out
+    tokens = [token[:, 0].tolist()]
+    with _phase(device) as decode_peak:
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(token, **with_cache(model, cache), use_cache=True)
+            cache = output_cache(out) or cache
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(token[:, 0].tolist())
+        sync()
+        elapsed = time.perf_counter() - start
+    level = decode_peak["start"] - prefill_peak["start"] + decode_peak["peak"]
+    return Run(
+        prefill_s=prefill,
+        tokens_per_s=new_tokens * ids.shape[0] / elapsed,
+        tokens=tokens,
+        kv_bytes=cache_bytes(cache),
+        prefill_peak=prefill_peak["peak"],
+        decode_peak=decode_peak["peak"],
+        decode_level=level,
+    )
 
 
-def context_ids(tokenizer: Any, context: int, device: str | torch.device) -> torch.Tensor:
-    """`[1, context]` token ids of real text (the calibration text, repeated if it is short)."""
+def context_ids(
+    tokenizer: Any, context: int, device: str | torch.device, batch: int = 1
+) -> torch.Tensor:
+    """`[batch, context]` token ids of real text (the calibration text, repeated if it is short);
+    row i starts i * 997 tokens further on, so rows differ."""
     from kvtuner.data import calibration_text
 
-    ids = tokenizer(calibration_text()[: context * 12], add_special_tokens=True)["input_ids"]
-    while len(ids) < context:
+    need = context + 997 * (batch - 1)
+    ids = tokenizer(calibration_text()[: need * 12], add_special_tokens=True)["input_ids"]
+    while len(ids) < need:
         ids = ids + ids
-    return torch.tensor([ids[:context]], dtype=torch.long, device=device)
+    rows = [ids[997 * i : 997 * i + context] for i in range(batch)]
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def cache_kinds(
+    model: Any,
+    config: PrecisionConfig,
+    *,
+    tokens: int,
+    peer_bits: int | None,
+    quantize_prefill: bool,
+) -> list[tuple[str, Callable[[], Any]]]:
+    """(name, factory) of each cache kind compared: kvtuner's (its stores reserved for `tokens`),
+    the dense DynamicCache, and transformers' QuantizedCache where installed and supported."""
+    from kvtuner.cache import quantized_cache
+
+    def ours() -> Any:
+        cache = quantized_cache(model, config, quantize_prefill=quantize_prefill)
+        cache.reserve(tokens)
+        return cache
+
+    kinds: list[tuple[str, Callable[[], Any]]] = [
+        (f"kvtuner {config.name}", ours),
+        ("dense DynamicCache", lambda: DynamicCache(config=model.config)),
+    ]
+    if peer_bits:
+        peer = transformers_quantized_cache(model, peer_bits)
+        if peer is not None:
+            kinds.append(peer)
+    return kinds
 
 
 def run_bench(
@@ -194,64 +264,52 @@ def run_bench(
     context: int = 2048,
     new_tokens: int = 64,
     rounds: int = 3,
+    batch: int = 1,
     peer_bits: int | None = 4,
     quantize_prefill: bool = defaults.QUANTIZE_PREFILL,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure the config's cache, the dense cache (and transformers' QuantizedCache) side by side.
+    """Measure the config's cache, the dense cache (and transformers' QuantizedCache) at one context.
 
     Returns the `kvtuner bench --json` object: kv_bytes, dense_kv_bytes, tokens_per_s,
-    dense_tokens_per_s, speed_ratio, memory_ratio, effective_bits, peak memory of each, and rows.
+    dense_tokens_per_s, speed_ratio, memory_ratio, effective_bits, memory by phase of each, rows.
     """
     device = next(model.parameters()).device
-    ids = context_ids(tokenizer, context, device)
-    kinds: list[tuple[str, Callable[[], Any]]] = [
-        (
-            f"kvtuner {config.name}",
-            lambda: KVTunerCache(config, model.config, quantize_prefill=quantize_prefill),
-        ),
-        ("dense DynamicCache", lambda: DynamicCache(config=model.config)),
-    ]
-    if peer_bits:
-        peer = transformers_quantized_cache(model, peer_bits)
-        if peer is not None:
-            kinds.append(peer)
+    ids = context_ids(tokenizer, context, device, batch)
+    kinds = cache_kinds(
+        model, config, tokens=context + new_tokens, peer_bits=peer_bits,
+        quantize_prefill=quantize_prefill,
+    )  # fmt: skip
     speeds: dict[str, list[float]] = {name: [] for name, _ in kinds}
-    last: dict[str, tuple[int, float, int, list[int]]] = {}
+    last: dict[str, Run] = {}
     # one untimed warm-up per kind at full context (kernel compilation, allocator pools),
     # then interleaved rounds
-    for _name, make in kinds:
+    for name, make in kinds:
+        if progress:
+            progress(f"context {context}: warm-up {name}")
         _decode(model, ids, make(), 2)
     for round_index in range(rounds):
         for name, make in kinds:
             if progress:
-                progress(f"round {round_index + 1}/{rounds}: {name}")
+                progress(f"context {context}, round {round_index + 1}/{rounds}: {name}")
             cache = make()
-            with peak_memory(device) as peak:
-                prefill, speed, tokens = _decode(model, ids, cache, new_tokens)
-            speeds[name].append(speed)
-            last[name] = (cache_bytes(cache), prefill, peak["peak"], tokens)
+            run = _decode(model, ids, cache, new_tokens)
             del cache
-    rows = [
-        BenchRow(
-            name,
-            last[name][0],
-            statistics.median(speeds[name]),
-            last[name][1],
-            last[name][2],
-            last[name][3],
-        )
-        for name, _ in kinds
-    ]
-    ours, dense = rows[0], rows[1]
+            speeds[name].append(run.tokens_per_s)
+            last[name] = run
+    rows = [_row(name, last[name], statistics.median(speeds[name])) for name, _ in kinds]
+    ours, dense = last[kinds[0][0]], last[kinds[1][0]]
     shape = model_shape(model.config)
     dtype_bits = torch.finfo(next(model.parameters()).dtype).bits
-    agree = sum(a == b for a, b in zip(ours.tokens, dense.tokens)) / len(dense.tokens)
+    steps = list(zip(ours.tokens, dense.tokens))
+    agree = sum(a == b for pair in steps for a, b in zip(*pair)) / (len(steps) * batch)
+    saved = dense.kv_bytes - ours.kv_bytes
     return {
         "model": getattr(model, "name_or_path", None) or type(model).__name__,
         "config": config.name,
         "scheme": config.scheme,
         "context": context,
+        "batch": batch,
         "new_tokens": new_tokens,
         "rounds": rounds,
         "device": str(device),
@@ -259,13 +317,61 @@ def run_bench(
         "kv_bytes": ours.kv_bytes,
         "dense_kv_bytes": dense.kv_bytes,
         "memory_ratio": ours.kv_bytes / dense.kv_bytes,
-        "tokens_per_s": ours.tokens_per_s,
-        "dense_tokens_per_s": dense.tokens_per_s,
-        "speed_ratio": ours.tokens_per_s / dense.tokens_per_s,
+        "tokens_per_s": rows[0]["tokens_per_s"],
+        "dense_tokens_per_s": rows[1]["tokens_per_s"],
+        "speed_ratio": rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"],
         "equivalent_bits": config.equivalent_bits,
         "effective_bits": config.effective_bits(shape, context + new_tokens, dtype_bits),
-        "peak_memory_bytes": ours.peak_memory_bytes,
-        "dense_peak_memory_bytes": dense.peak_memory_bytes,
+        "peak_memory_bytes": max(ours.prefill_peak, ours.decode_level),
+        "dense_peak_memory_bytes": max(dense.prefill_peak, dense.decode_level),
+        "prefill_peak_memory_bytes": ours.prefill_peak,
+        "dense_prefill_peak_memory_bytes": dense.prefill_peak,
+        "decode_peak_memory_bytes": ours.decode_peak,
+        "dense_decode_peak_memory_bytes": dense.decode_peak,
+        "decode_level_memory_bytes": ours.decode_level,
+        "dense_decode_level_memory_bytes": dense.decode_level,
+        # how much of the KV bytes saved the decode phase's memory really saves
+        "decode_memory_saved_fraction": (dense.decode_level - ours.decode_level) / saved
+        if saved > 0
+        else None,
         "greedy_agreement": agree,
-        "rows": [{k: v for k, v in asdict(r).items() if k != "tokens"} for r in rows],
+        "rows": rows,
     }
+
+
+def _row(name: str, run: Run, tokens_per_s: float) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kv_bytes": run.kv_bytes,
+        "tokens_per_s": tokens_per_s,
+        "prefill_s": run.prefill_s,
+        "peak_memory_bytes": max(run.prefill_peak, run.decode_level),
+        "prefill_peak_memory_bytes": run.prefill_peak,
+        "decode_peak_memory_bytes": run.decode_peak,
+        "decode_level_memory_bytes": run.decode_level,
+    }
+
+
+def longest_fit(
+    results: list[dict[str, Any]], limit: int, max_positions: int | None
+) -> dict[str, Any]:
+    """Per cache kind, the longest context (at the measured batch) and the largest batch (at the
+    longest measured context) whose memory stays under `limit` bytes.
+
+    Memory at a context is modelled as what the largest measured run held besides its cache plus
+    the cache's bytes per token and row: peak(c, b) = other + kv_per_token * c * b, where
+    other = max(prefill peak, decode level) - kv_bytes of that run.
+    """
+    last = max(results, key=lambda r: r["context"])
+    batch, context = last["batch"], last["context"]
+    fits = {}
+    for row in last["rows"]:
+        per_token = row["kv_bytes"] / (context + last["new_tokens"]) / batch
+        other = row["peak_memory_bytes"] - row["kv_bytes"]
+        room = limit - other
+        longest = int(room // (per_token * batch)) if room > 0 and per_token else 0
+        if max_positions:
+            longest = min(longest, max_positions)
+        largest = int(room // (per_token * context)) if room > 0 and per_token else 0
+        fits[row["name"]] = {"longest_context": longest, "largest_batch": largest}
+    return {"memory_limit_bytes": limit, "batch": batch, "context": context, "fits": fits}

@@ -100,7 +100,8 @@ class QuantizedKVLayer(DynamicLayer):
         states = torch.stack((key_states, value_states))
         sinks = min(max(self.layout.sink_tokens - past, 0), new)
         if sinks:
-            self._sink = cat_tokens(self._sink, states[..., :sinks, :])
+            # a copy: a view would keep the whole prompt's keys and values alive
+            self._sink = cat_tokens(self._sink, states[..., :sinks, :].clone())
             states = states[..., sinks:, :]
         if self.block == 1 and self.layout.residual_length == 0:
             # no residual: new tokens go straight into the stores

@@ -284,3 +284,32 @@ def plot_pareto(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_bench(results: Sequence[dict], path: str | Path, *, title: str = "") -> Path:
+    """`kvtuner bench --contexts` results: decode tokens/s and decode-phase memory against context,
+    one line per cache kind (kvtuner's, dense, transformers' QuantizedCache)."""
+    plt = _pyplot()
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [row["name"] for row in results[0]["rows"]]
+    contexts = [r["context"] for r in results]
+    for index, name in enumerate(names):
+        rows = [next(row for row in r["rows"] if row["name"] == name) for r in results]
+        style = dict(marker="o", label=name, color=f"C{index}")
+        speed.plot(contexts, [row["tokens_per_s"] for row in rows], **style)
+        memory.plot(contexts, [row["decode_level_memory_bytes"] / 2**20 for row in rows], **style)
+        memory.plot(
+            contexts, [row["kv_bytes"] / 2**20 for row in rows], linestyle=":", color=f"C{index}"
+        )
+    for ax in (speed, memory):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.grid(alpha=0.3)
+    speed.set_ylabel("decode tokens/s")
+    memory.set_ylabel("MiB above start while decoding (dotted: KV bytes)")
+    speed.legend(fontsize=8)
+    fig.suptitle(
+        title or f"{results[0]['model']}, {results[0]['config']}, batch {results[0]['batch']}"
+    )
+    fig.tight_layout()
+    return _save(fig, path)

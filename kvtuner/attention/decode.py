@@ -17,58 +17,25 @@ the softmax are float32; the output is cast to the query's dtype.
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from kvtuner import compiling
 from kvtuner.attention import kernels
 from kvtuner.quant.store import PackedView, RawView, StoreView
 
-COMPILE_FROM = 1024  # stored tokens from which `auto` compiles the kernels (eager is fast below)
-_COMPILED: dict[str, Callable] = {}
-_COMPILE_FAILED: list[str] = []
-
-
-def compile_mode() -> str:
-    """KVTUNER_COMPILE: `auto` (default: compile once a layer holds COMPILE_FROM tokens), `1`
-    (always) or `0` (never: the eager, chunked kernels)."""
-    mode = os.environ.get("KVTUNER_COMPILE", "auto").lower()
-    return {"on": "1", "true": "1", "off": "0", "false": "0"}.get(mode, mode)
-
-
-def _kernel(name: str, tokens: int) -> Callable | None:
-    """The compiled kernel `name`, or None where eager runs (small, off, or compile failed)."""
-    mode = compile_mode()
-    if mode == "0" or _COMPILE_FAILED or (mode != "1" and tokens < COMPILE_FROM):
-        return None
-    if name not in _COMPILED:
-        # one graph per (bits, group, dtype, shape) family; only the token axis is dynamic
-        # (marked per call): static head sizes let inductor unroll and vectorize the rows
-        limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, 64)
-        _COMPILED[name] = torch.compile(getattr(kernels, name), dynamic=False)
-    return _COMPILED[name]
-
 
 def _call(name: str, eager: Callable, tokens: int, *args: Any) -> torch.Tensor:
-    fn = _kernel(name, tokens)
-    if fn is not None:
+    """Kernel `name` compiled (token axis dynamic) where `compiling` says so, else `eager`."""
+    fn = getattr(kernels, name)
+    if compiling.compiled(fn, tokens) is not None:
         for t in args[1:4]:  # the token axis: dim 2 of codes, scales and zeros
             torch._dynamo.maybe_mark_dynamic(t, 2)
         if name == "token_value_mix":  # and dim 3 of the weights
             torch._dynamo.maybe_mark_dynamic(args[0], 3)
-        try:
-            return fn(*args)
-        except Exception as error:  # no compiler, unsupported backend: eager from now on
-            _COMPILE_FAILED.append(f"{type(error).__name__}: {error}".splitlines()[0])
-            warnings.warn(
-                f"kvtuner: torch.compile of the decode kernels failed ({_COMPILE_FAILED[0]}); "
-                "running them eagerly",
-                stacklevel=3,
-            )
+        return compiling.run(fn, tokens, *args)
     return eager(*args)
 
 
@@ -217,7 +184,7 @@ def _whole_layer(keys: StoreView, values: StoreView, stored: int, softcap: float
         return False
     if any(v.channel_scale is not None and v.smooth_from for v in (keys, values)):
         return False
-    return _kernel("decode_layer", stored) is not None
+    return compiling.compiled(kernels.decode_layer, stored) is not None
 
 
 def _decode_layer(q, sink, res, keys, values, attention_mask, skip, visible) -> torch.Tensor:
@@ -254,23 +221,16 @@ def _decode_layer(q, sink, res, keys, values, attention_mask, skip, visible) -> 
         values.group,
         keys.per_channel,
     )
-    fn = _kernel("decode_layer", keys.seq_len)
+    # the token axis of the stores is unbacked: no guard on its size or on whether the view
+    # fills its buffer, so neither a growing context nor a grown buffer recompiles
     for t in (keys.packed, keys.scale, keys.zero, values.packed, values.scale, values.zero):
-        torch._dynamo.maybe_mark_dynamic(t, 2)
+        if t.shape[2] > 1:
+            torch._dynamo.decorators.mark_unbacked(t, 2)
     if res.shape[-2] > 1:
         torch._dynamo.maybe_mark_dynamic(res, 3)
     if bias is not None:
         torch._dynamo.maybe_mark_dynamic(bias, 3)
-    try:
-        return fn(*args)
-    except Exception as error:  # no compiler, unsupported backend: eager from now on
-        _COMPILE_FAILED.append(f"{type(error).__name__}: {error}".splitlines()[0])
-        warnings.warn(
-            f"kvtuner: torch.compile of the decode kernels failed ({_COMPILE_FAILED[0]}); "
-            "running them eagerly",
-            stacklevel=3,
-        )
-        return kernels.decode_layer(*args)
+    return compiling.run(kernels.decode_layer, keys.seq_len, *args)
 
 
 def reference_decode_attention(

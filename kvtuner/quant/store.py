@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtuner import compiling
 from kvtuner.quant.buffer import MIN_SPARE, TokenBuffer
 from kvtuner.quant.quantizer import dequantize_parts, quantize_per_channel, quantize_per_token
 
@@ -236,6 +237,14 @@ class TokenStore(_PackedStore):
         padding out of the per-channel scale)."""
         if self.smooth and self.channel_scale is None:
             self._observe(x, valid)
+        if x.shape[-2] == 1 and compiling.compiled(_quantize_token, self.seq_len) is not None:
+            # a decode step: one fused kernel instead of a dozen tiny ones
+            packed, scale, zero = compiling.run(
+                _quantize_token, self.seq_len, x, self.channel_scale, self.bits, self.group_size
+            )
+            self.head_dim = x.shape[-1]
+            self._extend(packed, scale, zero)
+            return
         for first in range(0, x.shape[-2], APPEND_CHUNK):
             part = x[..., first : first + APPEND_CHUNK, :]
             if self.channel_scale is not None:
@@ -293,6 +302,16 @@ class TokenStore(_PackedStore):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(dim, index.to(t.device)))
+
+
+def _quantize_token(
+    x: torch.Tensor, channel_scale: torch.Tensor | None, bits: int, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`TokenStore.append`'s quantization as one function (compiled for decode steps)."""
+    if channel_scale is not None:
+        x = x / channel_scale
+    q = quantize_per_token(x, bits, group)
+    return q.packed, q.scale, q.zero
 
 
 class ChannelStore(_PackedStore):
