@@ -98,3 +98,11 @@ def qwen():
     from kvtuner.models import load_model
 
     return load_model("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M (30 layers, 3 KV heads), loaded once per session."""
+    from kvtuner.models import load_model
+
+    return load_model("smollm2-135m")

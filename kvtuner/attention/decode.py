@@ -132,7 +132,9 @@ def decode_attention(
     keys, values = layer.stores.views()
     stored = layer.stores.seq_len
     counts = (sink.shape[-2], stored, res.shape[-2])
-    if _whole_layer(keys, values, stored, softcap):
+    # compiled once the layer has seen COMPILE_FROM tokens: a sliding layer holds only its window
+    # but keeps decoding for as long as the full layers do
+    if _whole_layer(keys, values, stored, layer.cumulative_length, softcap):
         out = _decode_layer(
             q, sink, res, keys, values, attention_mask, sum(counts) - visible, visible
         )
@@ -175,7 +177,9 @@ def decode_attention(
     return out.reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype)
 
 
-def _whole_layer(keys: StoreView, values: StoreView, stored: int, softcap: float | None) -> bool:
+def _whole_layer(
+    keys: StoreView, values: StoreView, stored: int, seen: int, softcap: float | None
+) -> bool:
     """Whether one compiled graph runs the layer: packed keys and values, smoothed from their
     first token or not at all, and a compiled kernel would run (see `_kernel`)."""
     if softcap or stored == 0:
@@ -184,7 +188,7 @@ def _whole_layer(keys: StoreView, values: StoreView, stored: int, softcap: float
         return False
     if any(v.channel_scale is not None and v.smooth_from for v in (keys, values)):
         return False
-    return compiling.compiled(kernels.decode_layer, stored) is not None
+    return compiling.compiled(kernels.decode_layer, seen) is not None
 
 
 def _decode_layer(q, sink, res, keys, values, attention_mask, skip, visible) -> torch.Tensor:
@@ -230,7 +234,7 @@ def _decode_layer(q, sink, res, keys, values, attention_mask, skip, visible) -> 
         torch._dynamo.maybe_mark_dynamic(res, 3)
     if bias is not None:
         torch._dynamo.maybe_mark_dynamic(bias, 3)
-    return compiling.run(kernels.decode_layer, keys.seq_len, *args)
+    return compiling.run(kernels.decode_layer, compiling.COMPILE_FROM, *args)
 
 
 def reference_decode_attention(

@@ -216,6 +216,7 @@ class TokenStore(_PackedStore):
         self.peak: torch.Tensor | None = None  # running per-channel max |x|, `[..., 1, head_dim]`
         self.channel_scale: torch.Tensor | None = None  # the frozen divisor, same shape
         self.smooth_from = 0  # first stored token divided by it
+        self.appended = 0  # tokens ever appended (a sliding window drops some): when to compile
 
     def _observe(self, x: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Fold `x` into the per-channel peak; freeze the scale once `warmup` tokens were seen."""
@@ -237,10 +238,11 @@ class TokenStore(_PackedStore):
         padding out of the per-channel scale)."""
         if self.smooth and self.channel_scale is None:
             self._observe(x, valid)
-        if x.shape[-2] == 1 and compiling.compiled(_quantize_token, self.seq_len) is not None:
+        self.appended += x.shape[-2]
+        if x.shape[-2] == 1 and compiling.compiled(_quantize_token, self.appended) is not None:
             # a decode step: one fused kernel instead of a dozen tiny ones
             packed, scale, zero = compiling.run(
-                _quantize_token, self.seq_len, x, self.channel_scale, self.bits, self.group_size
+                _quantize_token, self.appended, x, self.channel_scale, self.bits, self.group_size
             )
             self.head_dim = x.shape[-1]
             self._extend(packed, scale, zero)
