@@ -54,11 +54,13 @@ def _release_freed_memory() -> None:
 
 @contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
-    """Yield a dict whose "peak" is the high-water mark above the starting level, once the block ends."""
-    result = {"peak": 0}
+    """Yield a dict whose "peak" is the high-water mark above the starting level, once the block
+    ends, and "start" that level (RSS on CPU, allocated bytes on CUDA; 0 where unknown)."""
+    result = {"peak": 0, "start": 0}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
+        result["start"] = start
         torch.cuda.reset_peak_memory_stats(device)
         yield result
         torch.cuda.synchronize(device)
@@ -70,6 +72,7 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
     except OSError:  # no /proc: not Linux
         yield result
         return
+    result["start"] = start
     high = [start]
     stop = threading.Event()
 
@@ -162,29 +165,12 @@ class Run:
     decode_level: int
 
 
-@contextmanager
-def _phase(device: torch.device) -> Iterator[dict[str, int]]:
-    """Like `peak_memory`, also giving the level at the start ("start", RSS or allocated bytes)."""
-    with peak_memory(device) as peak:
-        peak["start"] = _level(device)
-        yield peak
-
-
-def _level(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    try:
-        return _rss_bytes()
-    except OSError:
-        return 0
-
-
 @torch.no_grad()
 def _decode(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -> Run:
     """Prefill `ids` into `cache`, then `new_tokens` greedy steps, measuring each phase."""
     device = ids.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
-    with _phase(device) as prefill_peak:
+    with peak_memory(device) as prefill_peak:
         start = time.perf_counter()
         # only the last position's logits, as generate does: the full [context, vocab] would
         # dominate peak memory
@@ -195,7 +181,7 @@ def _decode(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -> Run:
     cache = output_cache(out) or cache
     del out
     tokens = [token[:, 0].tolist()]
-    with _phase(device) as decode_peak:
+    with peak_memory(device) as decode_peak:
         start = time.perf_counter()
         for _ in range(new_tokens):
             out = model(token, **with_cache(model, cache), use_cache=True)

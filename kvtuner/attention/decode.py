@@ -135,9 +135,8 @@ def decode_attention(
     # compiled once the layer has seen COMPILE_FROM tokens: a sliding layer holds only its window
     # but keeps decoding for as long as the full layers do
     if _whole_layer(keys, values, stored, layer.cumulative_length, softcap):
-        out = _decode_layer(
-            q, sink, res, keys, values, attention_mask, sum(counts) - visible, visible
-        )
+        bias = _bias(attention_mask, sum(counts) - visible, visible, q)
+        out = _decode_layer(q, sink, res, keys, values, bias)
         return out.reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype)
     parts = []
     if counts[0]:
@@ -149,17 +148,8 @@ def decode_attention(
     scores = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    skip = sum(counts) - visible  # held tokens this query no longer sees (a sliding window)
-    if skip:
-        scores[..., :skip] = -torch.inf
-    if attention_mask is not None:
-        mask = attention_mask.reshape(attention_mask.shape[0], 1, 1, -1)[..., -visible:]
-        seen = scores[..., skip:]
-        if mask.dtype == torch.bool:
-            seen.masked_fill_(~mask, -torch.inf)
-        else:
-            seen.add_(mask.float())
-    p = torch.softmax(scores, dim=-1)
+    bias = _bias(attention_mask, sum(counts) - visible, visible, q)
+    p = torch.softmax(scores if bias is None else scores + bias, dim=-1)
     out = None
     first = 0
     for count, part in zip(counts, ("sink", "stored", "residual")):
@@ -181,7 +171,7 @@ def _whole_layer(
     keys: StoreView, values: StoreView, stored: int, seen: int, softcap: float | None
 ) -> bool:
     """Whether one compiled graph runs the layer: packed keys and values, smoothed from their
-    first token or not at all, and a compiled kernel would run (see `_kernel`)."""
+    first token or not at all, and a compiled kernel would run (see `kvtuner.compiling`)."""
     if softcap or stored == 0:
         return False
     if not isinstance(keys, PackedView) or not isinstance(values, PackedView):
@@ -191,21 +181,28 @@ def _whole_layer(
     return compiling.compiled(kernels.decode_layer, seen) is not None
 
 
-def _decode_layer(q, sink, res, keys, values, attention_mask, skip, visible) -> torch.Tensor:
-    total = sink.shape[-2] + keys.seq_len + res.shape[-2]
-    bias = None
-    if skip or attention_mask is not None:
-        bias = q.new_zeros(
-            (attention_mask.shape[0] if attention_mask is not None else 1, 1, 1, total)
-        )
-        bias[..., :skip] = -torch.inf
-        if attention_mask is not None:
-            mask = attention_mask.reshape(attention_mask.shape[0], 1, 1, -1)[..., -visible:]
-            seen = bias[..., skip:]
-            if mask.dtype == torch.bool:
-                seen.masked_fill_(~mask, -torch.inf)
-            else:
-                seen.add_(mask.float())
+def _bias(
+    attention_mask: torch.Tensor | None, skip: int, visible: int, like: torch.Tensor
+) -> torch.Tensor | None:
+    """Additive float32 `[b or 1, 1, 1, skip + visible]` over the held tokens, or None: -inf for
+    the `skip` oldest (out of a sliding window) and where the mask (bool, True = attend, or
+    additive, over the last `visible`) says so."""
+    if not skip and attention_mask is None:
+        return None
+    rows = attention_mask.shape[0] if attention_mask is not None else 1
+    bias = like.new_zeros((rows, 1, 1, skip + visible))
+    bias[..., :skip] = -torch.inf
+    if attention_mask is not None:
+        mask = attention_mask.reshape(rows, 1, 1, -1)[..., -visible:]
+        seen = bias[..., skip:]
+        if mask.dtype == torch.bool:
+            seen.masked_fill_(~mask, -torch.inf)
+        else:
+            seen.add_(mask.float())
+    return bias
+
+
+def _decode_layer(q, sink, res, keys, values, bias) -> torch.Tensor:
     args = (
         q,
         sink,

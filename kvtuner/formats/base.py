@@ -81,3 +81,8 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
     a = x.abs()
     whole = a.floor()
     return torch.sign(x) * (whole + (2 * (a - whole)).floor())
+
+
+def max_magnitude(x: torch.Tensor) -> float:
+    """Largest magnitude of `x` (0.0 when empty): what max calibration scales by."""
+    return float(x.detach().float().abs().max()) if x.numel() else 0.0

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtuner.formats.base import Encoded, require_head_dim
+from kvtuner.formats.base import Encoded, max_magnitude, require_head_dim
 from kvtuner.formats.floats import (
     E2M1_MAX,
     E4M3_MAX,
@@ -33,7 +33,7 @@ BLOCK = 16
 
 def calibrate_nvfp4_scale(x: torch.Tensor) -> float:
     """Per-tensor scale under max calibration: amax / (448 * 6) (1.0 for an all-zero tensor)."""
-    amax = float(x.detach().float().abs().max()) if x.numel() else 0.0
+    amax = max_magnitude(x)
     return amax / (E4M3_MAX * E2M1_MAX) if amax > 0 else 1.0
 
 

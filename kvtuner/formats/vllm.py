@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtuner.formats.base import Encoded, require_head_dim
+from kvtuner.formats.base import Encoded, max_magnitude, require_head_dim
 from kvtuner.formats.floats import E4M3_MAX, pack_nibbles, to_e4m3, unpack_nibbles
 from kvtuner.formats.nvfp4 import NVFP4
 from kvtuner.formats.rotation import vllm_rht
@@ -27,7 +27,7 @@ from kvtuner.formats.rotation import vllm_rht
 
 def calibrate_fp8_scale(x: torch.Tensor) -> float:
     """Per-tensor FP8 scale from calibration data: amax / 448 (1.0, vLLM's default, for zeros)."""
-    amax = float(x.detach().float().abs().max()) if x.numel() else 0.0
+    amax = max_magnitude(x)
     return amax / E4M3_MAX if amax > 0 else 1.0
 
 
