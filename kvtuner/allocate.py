@@ -11,7 +11,7 @@ measuring anything again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,17 +33,20 @@ class Allocation:
     loss: float
 
 
-def allocate(losses: PerLayer, costs: PerLayer, cap: float) -> Allocation | None:
+def allocate(
+    losses: PerLayer, costs: PerLayer, cap: float, order: Callable[[Any], Any] | None = None
+) -> Allocation | None:
     """The pairs minimising sum(losses) with sum(costs) <= cap; None when even the cheapest is over.
 
     `losses[l]` and `costs[l]` map layer l's candidate pairs to numbers; a pair missing from
     `losses[l]` is not a candidate of layer l. Among equal losses the cheaper allocation wins.
+    Candidates need not be PrecisionPairs (engine choices: `kvtuner.targets`) when `order` gives
+    them a sort key.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    candidates = [
-        sorted(layer, key=lambda p: (-p.equivalent_bits, -p.key_bits)) for layer in losses
-    ]
+    order = order or (lambda p: (-p.equivalent_bits, -p.key_bits))
+    candidates = [sorted(layer, key=order) for layer in losses]
     if any(not c for c in candidates):
         raise ValueError("every layer needs at least one candidate pair")
     if sum(min(costs[i][p] for p in c) for i, c in enumerate(candidates)) > cap + TOLERANCE:

@@ -62,6 +62,7 @@ BUDGET = "effective"  # or "equivalent" (the paper's mean of (k + v) / 2)
 BUDGET_CONTEXT = 4096  # tokens at which effective bits are counted (batch 1)
 BUDGET_DTYPE_BITS = 16  # effective bits count scales and full-precision parts at 16 bits
 CAPS = (3.5, 4.0, 4.5, 5.0, 6.0)  # on the budget's axis: effective bits by default
+ENGINE_CAPS = (4.5, 5.0, 6.0, 8.0)  # --target: effective bits of engine storage (16 = model dtype)
 
 # -- search ---------------------------------------------------------------------------------------
 TRIALS = 150

@@ -14,12 +14,15 @@ from kvtuner.cli.common import (
     BudgetContextOption,
     BudgetOption,
     CapsOption,
+    DeviceOption,
+    DtypeOption,
     JsonOption,
     ModelOption,
     check_budget,
     emit_json,
     parse_caps,
 )
+from kvtuner.cli.targets import TARGET_HELP
 from kvtuner.errors import ConfigError
 
 
@@ -39,9 +42,41 @@ def allocate(
             "--out", help="Output folder (default searched_configs/<model>/<scheme>/knapsack)."
         ),
     ] = None,
+    target: Annotated[str | None, typer.Option("--target", help=TARGET_HELP)] = None,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            "--eval/--no-eval",
+            help="--target: held-out KL of each plan beside the engine's all-layers setting.",
+        ),
+    ] = True,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="--target: held-out samples of that KL.")
+    ] = defaults.EVAL_SAMPLES,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     json: JsonOption = False,
 ) -> None:
-    """Pick, per cap, the per-layer pairs that minimise the summed single-layer KL (exact, no search)."""
+    """Pick, per cap, the per-layer pairs that minimise the summed single-layer KL (exact, no search).
+    With --target, the engine setting and per-layer formats it can express, written as the files
+    that engine reads."""
+    if target is not None:
+        from kvtuner.cli.targets import allocate_target
+
+        allocate_target(
+            model=model,
+            target=target,
+            caps=parse_caps(max_bits) if max_bits else defaults.ENGINE_CAPS,
+            context=context,
+            calibration=calibration,
+            out=out,
+            evaluate=evaluate,
+            samples=samples,
+            device=device,
+            dtype=dtype,
+            json=json,
+        )
+        return
     from kvtuner.allocate import allocate_configs
     from kvtuner.calibrate import base_config, load_layer_kl, load_sensitivity, output_folder
     from kvtuner.compat import model_shape

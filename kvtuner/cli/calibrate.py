@@ -20,6 +20,7 @@ from kvtuner.cli.common import (
     emit_json,
     info,
 )
+from kvtuner.cli.targets import TARGET_HELP
 
 
 @app.command()
@@ -108,12 +109,30 @@ def calibrate(
     out: Annotated[
         Path, typer.Option("--out", help="Root folder; files go to <out>/<model>/<scheme>/.")
     ] = Path("calibration"),
+    target: Annotated[str | None, typer.Option("--target", help=TARGET_HELP)] = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
     json: JsonOption = False,
 ) -> None:
     """Measure each layer's sensitivity: e_o for every (key bits, value bits) pair, and the
-    end-to-end KL of quantizing each layer alone at its Pareto pairs."""
+    end-to-end KL of quantizing each layer alone at its Pareto pairs. With --target, the
+    single-layer KL of every KV format that engine stores (and each layer's key/value amax)."""
+    if target is not None:
+        from kvtuner.cli.targets import calibrate_target
+
+        calibrate_target(
+            model=model,
+            target=target,
+            text=text,
+            samples=layer_kl_samples,
+            context=layer_kl_context,
+            seed=seed,
+            out=out,
+            device=device,
+            dtype=dtype,
+            json=json,
+        )
+        return
     from kvtuner.calibrate import (
         CalibrationSettings,
         calibrate,

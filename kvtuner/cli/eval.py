@@ -185,6 +185,25 @@ def eval_command(
         return
     samples = samples or defaults.EVAL_SAMPLES
     max_new_tokens = max_new_tokens or 256
+    from kvtuner.engines.export import is_engine_config
+
+    if is_engine_config(config):
+        from kvtuner.cli.targets import eval_engine
+
+        eval_engine(
+            model=model,
+            config=config,
+            text=text,
+            samples=samples,
+            context=context,
+            continuation=continuation,
+            chunk=chunk,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            json=json,
+        )
+        return
     from kvtuner.config import load_config, load_config_without_model
     from kvtuner.data import heldout_text
     from kvtuner.defaults import BUDGET_CONTEXT as EFFECTIVE_BITS_CONTEXT

@@ -38,7 +38,15 @@ def show(
     ] = defaults.BUDGET_CONTEXT,
     json: JsonOption = False,
 ) -> None:
-    """Show a precision config: one row per layer, equivalent bits, scheme."""
+    """Show a precision config: one row per layer, equivalent bits, scheme. An engine plan or
+    exported engine file: its per-layer formats and the command that sets them."""
+    from kvtuner.engines.export import is_engine_config
+
+    if is_engine_config(config):
+        from kvtuner.cli.targets import show_engine
+
+        show_engine(config, model, context, json)
+        return
     num_layers = shape = None
     if model is not None:
         from kvtuner.compat import model_shape
@@ -47,11 +55,26 @@ def show(
         shape = model_shape(load_model_config(model))
         num_layers = shape.num_layers
     cfg = load_config(config, num_layers=num_layers, scheme=scheme)
+    if shape is None and cfg.model:  # a config naming its model: effective bits without --model
+        shape = _named_model_shape(cfg)
     summary = summarize(cfg, shape=shape, context=context)
     if json:
         emit_json(summary)
         return
     typer.echo(render(cfg, summary))
+
+
+def _named_model_shape(cfg: PrecisionConfig) -> Any:
+    """The shape of the model a config names, if that model resolves and matches; else None."""
+    from kvtuner.compat import model_shape
+    from kvtuner.errors import KVTunerError
+    from kvtuner.models import load_model_config
+
+    try:
+        shape = model_shape(load_model_config(cfg.model))
+    except (KVTunerError, OSError, ValueError):
+        return None
+    return shape if shape.num_layers == cfg.num_layers else None
 
 
 def summarize(cfg: PrecisionConfig, shape: Any = None, context: int = 4096) -> dict[str, Any]:

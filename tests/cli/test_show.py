@@ -181,3 +181,18 @@ def test_folder_is_not_a_config(capsys, tmp_path):
     rc, _, err = run(capsys, "show", str(tmp_path))
     assert rc == 2
     assert f"{tmp_path}: is a folder, not a config file" in err
+
+
+def test_a_config_naming_its_model_shows_effective_bits_without_model(
+    capsys, tiny_folder, tmp_path
+):
+    pairs = [PrecisionPair(8, 4), PrecisionPair(4, 4), PrecisionPair(4, 2), PrecisionPair(8, 8)]
+    path = PrecisionConfig(layers=tuple(pairs), model=str(tiny_folder)).save(tmp_path / "c.yaml")
+    rc, out, _ = run(capsys, "show", str(path), "--json")
+    assert rc == 0
+    data = json.loads(out)
+    rc, out, _ = run(capsys, "show", str(path), "--model", str(tiny_folder), "--json")
+    assert data["effective_bits"] == json.loads(out)["effective_bits"] > 0
+    unnamed = PrecisionConfig(layers=tuple(pairs)).save(tmp_path / "u.yaml")
+    rc, out, _ = run(capsys, "show", str(unnamed), "--json")
+    assert rc == 0 and "effective_bits" not in json.loads(out)

@@ -1,0 +1,459 @@
+"""`--target ENGINE` of `kvtuner calibrate` and `kvtuner allocate`: the same steps on the KV formats a
+serving engine stores (kvtuner.targets), ending in the files that engine reads (kvtuner.engines.export)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from kvtuner import defaults
+from kvtuner.cli.common import emit_json, info
+from kvtuner.errors import ConfigError
+
+TARGET_HELP = "Serving engine whose KV formats to use: vllm, llama.cpp, modelopt or lmdeploy."
+
+
+def check_model_target(model: str, target: str, model_config: Any) -> int:
+    """The model's head_dim; ConfigError (one line: format, model, rule) when the target has no
+    format the model can take."""
+    from kvtuner.compat import head_dim
+    from kvtuner.targets import check_target, head_dim_problem, probes
+
+    check_target(target)
+    size = head_dim(model_config)
+    if all(c.check_head_dim(size) for c in probes(target)):
+        raise ConfigError(f"{model}: {head_dim_problem(target, size)}")
+    return size
+
+
+def skipped_formats(target: str, head_dim: int) -> list[str]:
+    from kvtuner.targets import probes
+
+    return [c.label for c in probes(target) if c.check_head_dim(head_dim)]
+
+
+def calibrate_target(
+    *,
+    model: str,
+    target: str,
+    text: Path | None,
+    samples: int,
+    context: int | None,
+    seed: int,
+    out: Path,
+    device: str,
+    dtype: str | None,
+    json: bool,
+) -> None:
+    """Amax and single-layer KL of every format `target` can store, per layer."""
+    from kvtuner.calibrate import output_folder
+    from kvtuner.compat import sliding_windows
+    from kvtuner.data import calibration_text, calibration_windows
+    from kvtuner.engine_calibrate import engine_layer_kl, measure_amax, write_engine_calibration
+    from kvtuner.evaluate import EvalProtocol, Evaluator
+    from kvtuner.models import load_model, load_model_config
+
+    size = check_model_target(model, target, load_model_config(model))
+    corpus = calibration_text(text)
+    if not corpus.strip():
+        raise ConfigError(f"{text or 'calibration text'}: the text is empty")
+    info(f"loading {model} ...", json)
+    loaded = load_model(model, device=device, dtype=dtype)
+    started = time.perf_counter()
+    config = loaded.model.config
+    context = context or defaults.eval_context(sliding_windows(config))
+    continuation = defaults.LAYER_KL_CONTINUATION
+    windows = calibration_windows(
+        loaded.tokenizer, corpus, context, skip=0, count=samples, seed=seed
+    )[:, : context + continuation]
+    kv_amax = measure_amax(loaded.model, windows[:, :context])
+    evaluator = Evaluator(
+        loaded.model, windows, EvalProtocol(context, continuation, continuation), progress=not json
+    )
+    table = engine_layer_kl(evaluator, target, kv_amax, size, progress=not json)
+    seconds = round(time.perf_counter() - started, 1)
+    skipped = skipped_formats(target, size)
+    metadata = {
+        "model": loaded.name,
+        "target": target,
+        "num_layers": loaded.num_layers,
+        "head_dim": size,
+        "probes": sorted(set(table.choice)),
+        "skipped": skipped,
+        "text": str(text) if text is not None else "pydoc_data.topics",
+        "samples": samples,
+        "context": context,
+        "continuation": continuation,
+        "seed": seed,
+        "device": device,
+        "seconds": seconds,
+    }
+    folder = output_folder(out, loaded.name, target)
+    paths = write_engine_calibration(folder, table, kv_amax, metadata)
+    summary = {
+        **metadata,
+        "kl": {
+            label: {
+                "min": float(rows.kl.min()),
+                "median": float(rows.kl.median()),
+                "max": float(rows.kl.max()),
+            }
+            for label, rows in table.groupby("choice", sort=False)
+        },
+        "files": {k: str(v) for k, v in paths.items()},
+    }
+    if json:
+        emit_json(summary)
+        return
+    lines = [
+        f"{loaded.name} -> {target}: single-layer KL of {len(summary['kl'])} formats x "
+        f"{loaded.num_layers} layers ({samples} samples, {context} context + {continuation} scored), {seconds} s",
+        "",
+        f"{'format':<22} {'KL min':>9} {'median':>9} {'max':>9}   (over layers)",
+    ]
+    for label, s in summary["kl"].items():
+        lines.append(f"{label:<22} {s['min']:>9.2g} {s['median']:>9.2g} {s['max']:>9.2g}")
+    if skipped:
+        lines.append(f"skipped (head_dim {size}): {', '.join(skipped)}")
+    lines += ["", *(f"wrote {p}" for p in summary["files"].values())]
+    typer.echo("\n".join(lines))
+
+
+def plan_name(cap: float) -> str:
+    return f"engine_c{cap:g}" if "." in f"{cap:g}" else f"engine_c{cap:.1f}"
+
+
+def allocate_target(
+    *,
+    model: str,
+    target: str,
+    caps: tuple[float, ...],
+    context: int,
+    calibration: Path,
+    out: Path | None,
+    evaluate: bool,
+    samples: int,
+    device: str,
+    dtype: str | None,
+    json: bool,
+) -> None:
+    """Per cap: the engine setting and per-layer choices of least summed single-layer KL, written as
+    a plan YAML and the engine's files; with `evaluate`, its held-out KL beside the engine's
+    all-layers setting."""
+    from kvtuner.calibrate import output_folder
+    from kvtuner.compat import sliding_windows, text_config
+    from kvtuner.engine_calibrate import load_engine_calibration
+    from kvtuner.models import load_model_config, model_name
+    from kvtuner.plan import allocate_plan, best_uniform, first_last_plan
+    from kvtuner.targets import effective_bits
+
+    name = model_name(model)
+    model_config = load_model_config(model)
+    size = check_model_target(model, target, model_config)
+    num_layers = int(text_config(model_config).num_hidden_layers)
+    windows = sliding_windows(model_config)
+    folder = output_folder(calibration, name, target)
+    measured, kv_amax, _ = load_engine_calibration(folder, target, num_layers)
+    out_dir = out if out is not None else Path("searched_configs") / name / target
+    rows: list[dict[str, Any]] = []
+    for cap in caps:
+        found = allocate_plan(target, measured, size, windows, context, cap)
+        if target == "llama.cpp":
+            ik = first_last_plan(measured, size, windows, context, cap)
+            if ik is not None and (found is None or ik.loss < found.loss * 0.98):
+                found = ik  # a first/last-N form only where it beats the best pair by 2%
+        if found is None:
+            rows.append({"cap": cap, "plan": None})
+            continue
+        if target == "vllm":  # vLLM's all-layers setting of the same dtype
+            uniform_choice = next(c for c in found.plan.layers if not c.dense)
+            uniform = found.plan.__class__(
+                target, found.plan.family, (uniform_choice,) * num_layers
+            )
+        else:
+            best = best_uniform(target, measured, size, windows, context, cap)
+            uniform = best.plan if best is not None else None
+        plan = found.plan.with_amax(kv_amax)
+        plan = plan.__class__(
+            plan.target,
+            plan.family,
+            plan.layers,
+            model=name,
+            kv_amax=plan.kv_amax,
+            metadata={
+                "objective": "summed single-layer KL",
+                "value": found.loss,
+                "cap": cap,
+                "budget": "effective bits of engine storage",
+                "budget_context": context,
+                "effective_bits": effective_bits(plan.layers, size, windows, context),
+                "found_by": f"kvtuner allocate --target {target}",
+            },
+        )
+        rows.append(
+            {
+                "cap": cap,
+                "plan": plan,
+                "uniform": None if uniform is None else uniform.with_amax(kv_amax),
+                "summed_kl": found.loss,
+            }
+        )
+    results = _evaluate(model, rows, samples, device, dtype, json) if evaluate else {}
+    summary = _write(rows, out_dir, results, size, windows, context, name, target)
+    if json:
+        emit_json(summary)
+        return
+    typer.echo(render_allocation(summary))
+
+
+def _evaluate(
+    model: str, rows: list[dict[str, Any]], samples: int, device: str, dtype: str | None, json: bool
+) -> dict[tuple[float, str], Any]:
+    """Held-out KL of each cap's plan and all-layers setting, on the same samples."""
+    from kvtuner.engine_cache import EngineKVCache
+    from kvtuner.evaluate import Evaluator, eval_samples, protocol_for
+    from kvtuner.models import load_model
+
+    info(f"loading {model} ...", json)
+    loaded = load_model(model, device=device, dtype=dtype)
+    protocol = protocol_for(loaded.model.config)
+    tokens = eval_samples(loaded.tokenizer, None, samples, protocol)
+    evaluator = Evaluator(loaded.model, tokens, protocol, progress=not json)
+    results = {}
+    for row in rows:
+        for kind in ("plan", "uniform"):
+            plan = row.get(kind)
+            if plan is None:
+                continue
+            results[(row["cap"], kind)] = evaluator.evaluate_cache(
+                lambda plan=plan: EngineKVCache(plan, loaded.model.config)
+            )
+    return results
+
+
+def _write(
+    rows: list[dict[str, Any]],
+    out_dir: Path,
+    results: dict[tuple[float, str], Any],
+    head_dim: int,
+    windows: list[int | None],
+    context: int,
+    name: str,
+    target: str,
+) -> dict[str, Any]:
+    from kvtuner.engines.export import commands, write_engine_files
+    from kvtuner.evaluate import stderr
+    from kvtuner.targets import effective_bits
+
+    out_rows = []
+    for row in rows:
+        plan = row["plan"]
+        if plan is None:
+            out_rows.append({"cap": row["cap"], "path": None})
+            continue
+        stem = out_dir / plan_name(row["cap"])
+        path = plan.save(stem.with_name(stem.name + ".yaml"))
+        files = write_engine_files(plan, stem)
+        entry: dict[str, Any] = {
+            "cap": row["cap"],
+            "path": str(path),
+            "files": [str(f) for f in files],
+            "setting": plan.family,
+            "layers": [c.label for c in plan.layers],
+            "effective_bits": effective_bits(plan.layers, head_dim, windows, context),
+            "summed_kl": row["summed_kl"],
+            **commands(plan),
+        }
+        uniform = row.get("uniform")
+        if uniform is not None:
+            entry["uniform"] = {
+                "setting": uniform.layers[0].label,
+                "effective_bits": effective_bits(uniform.layers, head_dim, windows, context),
+            }
+        mine, theirs = results.get((row["cap"], "plan")), results.get((row["cap"], "uniform"))
+        if mine is not None:
+            entry["heldout_kl"] = mine.kl
+            entry["heldout_kl_stderr"] = mine.kl_stderr
+        if theirs is not None:
+            entry["uniform"]["heldout_kl"] = theirs.kl
+            entry["uniform"]["heldout_kl_stderr"] = theirs.kl_stderr
+            diff = [a - b for a, b in zip(mine.per_sample_kl, theirs.per_sample_kl)]
+            entry["paired_difference"] = sum(diff) / len(diff)
+            entry["paired_difference_stderr"] = stderr(diff)
+        out_rows.append(entry)
+    return {"model": name, "target": target, "context": context, "configs": out_rows}
+
+
+def render_allocation(summary: dict[str, Any]) -> str:
+    lines = [
+        f"{summary['model']} -> {summary['target']}: exact knapsack on single-layer KL, caps on "
+        f"effective bits of engine storage at {summary['context']} tokens",
+    ]
+    for row in summary["configs"]:
+        lines.append("")
+        if row["path"] is None:
+            lines.append(f"cap {row['cap']:g}: no setting of {summary['target']} fits")
+            continue
+        lines.append(
+            f"cap {row['cap']:g}: {row['setting']}, {row['effective_bits']:.2f} effective bits, "
+            f"summed single-layer KL {row['summed_kl']:.4g}"
+        )
+        if "command" in row:
+            lines.append(f"  {row['command']}")
+        if "kv_cache_quant_algo" in row:
+            lines.append(
+                f"  hf_quant_config.json: kv_cache_quant_algo {row['kv_cache_quant_algo']}"
+            )
+        if "heldout_kl" in row:
+            lines.append(f"  held-out KL {row['heldout_kl']:.4f} ± {row['heldout_kl_stderr']:.4f}")
+        uniform = row.get("uniform")
+        if uniform and "heldout_kl" in uniform:
+            lines.append(
+                f"  all layers {uniform['setting']} ({uniform['effective_bits']:.2f} bits): "
+                f"{uniform['heldout_kl']:.4f} ± {uniform['heldout_kl_stderr']:.4f}; paired "
+                f"difference {row['paired_difference']:+.4f} ± {row['paired_difference_stderr']:.4f}"
+            )
+        lines.append(f"  wrote {row['path']} and {', '.join(row['files'])}")
+    return "\n".join(lines)
+
+
+def eval_engine(
+    *,
+    model: str,
+    config: str,
+    text: Path | None,
+    samples: int,
+    context: int | None,
+    continuation: int,
+    chunk: int,
+    seed: int,
+    device: str,
+    dtype: str | None,
+    json: bool,
+) -> None:
+    """`kvtuner eval --config` on an engine plan or exported engine file: held-out KL of what that
+    engine will store (kvtuner.engine_cache)."""
+    from kvtuner.compat import head_dim, sliding_windows, text_config
+    from kvtuner.data import heldout_text
+    from kvtuner.engine_cache import EngineKVCache
+    from kvtuner.engines.export import load_engine_config, needs_amax
+    from kvtuner.evaluate import EvalProtocol, Evaluator, eval_samples, protocol_for
+    from kvtuner.models import load_model, load_model_config
+    from kvtuner.targets import effective_bits
+
+    model_config = load_model_config(model)
+    plan = load_engine_config(config, int(text_config(model_config).num_hidden_layers))
+    size = head_dim(model_config)
+    for choice in set(plan.layers):
+        problem = choice.check_head_dim(size)
+        if problem:
+            raise ConfigError(f"{model}: {problem}")
+    EvalProtocol(context or defaults.EVAL_CONTEXT, continuation, chunk)
+    corpus = heldout_text(text)
+    info(f"loading {model} ...", json)
+    loaded = load_model(model, device=device, dtype=dtype)
+    if needs_amax(plan):
+        plan = plan.with_amax(_calibration_amax(loaded, seed))
+        info("per-tensor scales: amax measured on the calibration text", json)
+    protocol = EvalProtocol(
+        context or protocol_for(loaded.model.config).context, continuation, chunk
+    )
+    tokens = eval_samples(loaded.tokenizer, corpus, samples, protocol, seed=seed)
+    result = Evaluator(loaded.model, tokens, protocol, progress=not json).evaluate_cache(
+        lambda: EngineKVCache(plan, loaded.model.config)
+    )
+    windows = sliding_windows(loaded.model.config)
+    summary = {
+        "model": loaded.name,
+        "config": str(config),
+        "target": plan.target,
+        "setting": plan.family,
+        "layers": [c.label for c in plan.layers],
+        "kl": result.kl,
+        "kl_stderr": result.kl_stderr,
+        "ppl": result.ppl,
+        "reference_ppl": result.reference_ppl,
+        "effective_bits": effective_bits(plan.layers, size, windows, defaults.BUDGET_CONTEXT),
+        "effective_bits_context": defaults.BUDGET_CONTEXT,
+        "tokens": result.tokens,
+        "samples": samples,
+        "context": protocol.context,
+        "continuation": continuation,
+        "per_sample_kl": list(result.per_sample_kl),
+        "text": str(text) if text is not None else "heldout",
+    }
+    if json:
+        emit_json(summary)
+        return
+    typer.echo(
+        "\n".join(
+            [
+                f"{summary['model']}  {config}  ({plan.target}: {plan.family})",
+                f"effective bits   {summary['effective_bits']:.3f} of engine storage (at "
+                f"{defaults.BUDGET_CONTEXT} tokens)",
+                f"KL(fp || engine) {result.kl:.4f} ± {result.kl_stderr:.4f} nats/token",
+                f"perplexity       {result.ppl:.3f}   (full precision {result.reference_ppl:.3f})",
+                f"scored tokens    {result.tokens}  ({samples} samples, {protocol.context} context"
+                f" + {continuation} scored)",
+            ]
+        )
+    )
+
+
+def _calibration_amax(loaded: Any, seed: int) -> list[tuple[float, float]]:
+    from kvtuner.compat import sliding_windows
+    from kvtuner.data import calibration_text, calibration_windows
+    from kvtuner.engine_calibrate import measure_amax
+
+    context = defaults.eval_context(sliding_windows(loaded.model.config))
+    windows = calibration_windows(
+        loaded.tokenizer, calibration_text(None), context, skip=0,
+        count=defaults.LAYER_KL_SAMPLES, seed=seed,
+    )  # fmt: skip
+    return measure_amax(loaded.model, windows[:, :context])
+
+
+def show_engine(config: str, model: str | None, context: int, json: bool) -> None:
+    """`kvtuner show` of an engine plan or exported file: per-layer formats, what to paste, and
+    (with a model, or a plan naming its model) effective bits of engine storage."""
+    from kvtuner.compat import head_dim, sliding_windows, text_config
+    from kvtuner.engines.export import commands, is_engine_file, load_engine_config
+    from kvtuner.models import load_model_config
+    from kvtuner.plan import load_plan
+    from kvtuner.targets import effective_bits
+
+    if model is None and not is_engine_file(config):
+        model = load_plan(config).model
+    if model is None:
+        raise ConfigError(f"{config}: an engine file does not name its layer count: pass --model")
+    model_config = load_model_config(model)
+    plan = load_engine_config(config, int(text_config(model_config).num_hidden_layers))
+    size = head_dim(model_config)
+    summary = {
+        "config": str(config),
+        "target": plan.target,
+        "setting": plan.family,
+        "model": model,
+        "num_layers": plan.num_layers,
+        "layers": [c.label for c in plan.layers],
+        "effective_bits": effective_bits(plan.layers, size, sliding_windows(model_config), context),
+        "context": context,
+        **commands(plan),
+    }
+    if json:
+        emit_json(summary)
+        return
+    lines = [
+        f"config:          {config}  ({plan.target}: {plan.family}, model {model})",
+        f"effective bits:  {summary['effective_bits']:.3f} of engine storage (at {context} tokens)",
+    ]
+    if "command" in summary:
+        lines.append(f"command:         {summary['command']}")
+    if "kv_cache_quant_algo" in summary:
+        lines.append(f"kv_cache_quant_algo: {summary['kv_cache_quant_algo']}")
+    lines += ["", "layer  keys / values"]
+    lines += [f"{i:>5}  {c.label}" for i, c in enumerate(plan.layers)]
+    typer.echo("\n".join(lines))
