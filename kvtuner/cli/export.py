@@ -17,6 +17,7 @@ from kvtuner.cli.common import (
     parse_caps,
 )
 from kvtuner.cli.search import StorageOption, StudyOption, export_summary, render
+from kvtuner.cli.targets import TARGET_HELP
 from kvtuner.errors import ConfigError
 
 
@@ -34,9 +35,26 @@ def export(
         Path | None,
         typer.Option("--out", help="Output folder (default searched_configs/<model>/<scheme>)."),
     ] = None,
+    target: Annotated[str | None, typer.Option("--target", help=TARGET_HELP)] = None,
     json: JsonOption = False,
 ) -> None:
-    """Export the Pareto front and the best config under each cap from an existing study."""
+    """Export the Pareto front and the best config under each cap from an existing study. With
+    --target, the best engine plan under each cap of a `kvtuner search --target` study, as plan
+    YAML and the engine's files."""
+    if target is not None:
+        from kvtuner import defaults
+        from kvtuner.cli.targets import export_target
+
+        export_target(
+            model=model,
+            target=target,
+            caps=parse_caps(max_bits) if max_bits else defaults.ENGINE_CAPS,
+            storage=storage,
+            study_name=study_name,
+            out=out,
+            json=json,
+        )
+        return
     from kvtuner.models import model_name
     from kvtuner.search.export import export_study
     from kvtuner.search.study import (

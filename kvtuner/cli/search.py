@@ -27,6 +27,7 @@ from kvtuner.cli.common import (
     emit_json,
     parse_caps,
 )
+from kvtuner.cli.targets import TARGET_HELP
 
 StorageOption = Annotated[
     str | None,
@@ -135,14 +136,39 @@ def search(
     ] = None,
     max_new_tokens: MaxNewTokensOption = 256,
     seed: SeedOption = 0,
+    target: Annotated[str | None, typer.Option("--target", help=TARGET_HELP)] = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
     json: JsonOption = False,
 ) -> None:
     """Search layer-wise (key bits, value bits) under bit caps from the exact knapsack front; write
-    pareto.csv/png and kvtuner_c<bits>.yaml."""
+    pareto.csv/png and kvtuner_c<bits>.yaml. With --target, over the settings and per-layer
+    formats that engine can express, writing plans and the engine's files."""
     from kvtuner.search import SearchSettings, run_search
 
+    if target is not None:
+        from kvtuner.cli.targets import search_target
+
+        search_target(
+            model=model,
+            target=target,
+            caps=parse_caps(max_bits) if max_bits else defaults.ENGINE_CAPS,
+            context=context,
+            trials=trials,
+            population=population,
+            storage=storage,
+            study_name=study_name,
+            out=out,
+            calibration=calibration,
+            samples=samples,
+            continuation=continuation,
+            text=text,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            json=json,
+        )
+        return
     caps = parse_caps(max_bits)
     check_budget(budget)
     options: dict[str, Any] = {

@@ -157,7 +157,7 @@ def allocate_target(
     windows = sliding_windows(model_config)
     folder = output_folder(calibration, name, target)
     measured, kv_amax, _ = load_engine_calibration(folder, target, num_layers)
-    out_dir = out if out is not None else Path("searched_configs") / name / target
+    out_dir = out if out is not None else Path("searched_configs") / name / target / "knapsack"
     rows: list[dict[str, Any]] = []
     for cap in caps:
         found = allocate_plan(target, measured, size, windows, context, cap)
@@ -456,4 +456,222 @@ def show_engine(config: str, model: str | None, context: int, json: bool) -> Non
         lines.append(f"kv_cache_quant_algo: {summary['kv_cache_quant_algo']}")
     lines += ["", "layer  keys / values"]
     lines += [f"{i:>5}  {c.label}" for i, c in enumerate(plan.layers)]
+    typer.echo("\n".join(lines))
+
+
+def _engine_space(model: str, target: str, context: int) -> tuple[Any, str, Any]:
+    from kvtuner.compat import sliding_windows, text_config
+    from kvtuner.models import load_model_config, model_name
+    from kvtuner.search.engine import EngineSpace
+
+    model_config = load_model_config(model)
+    size = check_model_target(model, target, model_config)
+    num_layers = int(text_config(model_config).num_hidden_layers)
+    space = EngineSpace.of(target, num_layers, size, sliding_windows(model_config), context)
+    return space, model_name(model), model_config
+
+
+def search_target(
+    *,
+    model: str,
+    target: str,
+    caps: tuple[float, ...],
+    context: int,
+    trials: int,
+    population: int,
+    storage: str | None,
+    study_name: str | None,
+    out: Path | None,
+    calibration: Path,
+    samples: int,
+    continuation: int,
+    text: Path | None,
+    seed: int,
+    device: str,
+    dtype: str | None,
+    json: bool,
+) -> None:
+    """NSGA-II over the engine's settings and per-layer choices (kvtuner.search.engine), seeded
+    with the knapsack's plans when the target was calibrated; then the best plan per cap."""
+    from kvtuner.calibrate import output_folder
+    from kvtuner.data import calibration_text, calibration_windows
+    from kvtuner.engine_cache import EngineKVCache
+    from kvtuner.engine_calibrate import load_engine_calibration, measure_amax
+    from kvtuner.evaluate import EvalProtocol, Evaluator
+    from kvtuner.models import load_model
+    from kvtuner.plan import allocate_plan
+    from kvtuner.search.engine import run_engine_search
+    from kvtuner.search.study import default_storage, open_storage, redact, storage_errors
+
+    space, name, _ = _engine_space(model, target, context)
+    out_dir = out if out is not None else Path("searched_configs") / name / target
+    storage = storage or default_storage(out_dir)
+    if storage.startswith("sqlite:///"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    study_name = study_name or f"{name}-{target}"
+    folder = output_folder(calibration, name, target)
+    seeds, kv_amax = [], None
+    if (folder / "layer_kl.csv").is_file():
+        measured, kv_amax, _ = load_engine_calibration(folder, target, space.num_layers)
+        for cap in caps:
+            found = allocate_plan(target, measured, space.head_dim, space.windows, context, cap)
+            if found is not None:
+                seeds.append(found.plan)
+    info(f"loading {model} ...", json)
+    loaded = load_model(model, device=device, dtype=dtype)
+    eval_context = defaults.eval_context(space.windows)
+    windows = calibration_windows(
+        loaded.tokenizer, calibration_text(text), eval_context, skip=0, count=samples, seed=seed
+    )[:, : eval_context + continuation]
+    if kv_amax is None:
+        kv_amax = measure_amax(loaded.model, windows[:, :eval_context])
+    evaluator = Evaluator(loaded.model, windows, EvalProtocol(eval_context, continuation))
+
+    def score(plan: Any) -> float:
+        plan = plan.with_amax(kv_amax)
+        return evaluator.evaluate_cache(lambda: EngineKVCache(plan, loaded.model.config)).kl
+
+    with storage_errors(storage):
+        study = run_engine_search(
+            space,
+            score,
+            max_bits=max(caps),
+            trials=trials,
+            population=population,
+            storage=open_storage(storage),
+            study_name=study_name,
+            seeds=seeds,
+            seed=seed,
+            progress=not json,
+        )
+        study.set_user_attr("kv_amax", [list(a) for a in kv_amax])
+        study.set_user_attr("model", name)
+        study.set_user_attr("context", context)
+        _export(study, space, caps, kv_amax, out_dir, name, redact(storage), json)
+
+
+def export_target(
+    *,
+    model: str,
+    target: str,
+    caps: tuple[float, ...],
+    storage: str | None,
+    study_name: str | None,
+    out: Path | None,
+    json: bool,
+) -> None:
+    """The best plan per cap of an existing `kvtuner search --target` study."""
+    import optuna
+
+    from kvtuner.models import model_name
+    from kvtuner.search.study import (
+        default_storage,
+        open_storage,
+        redact,
+        storage_errors,
+        study_exists,
+    )
+
+    name = model_name(model)
+    out_dir = out if out is not None else Path("searched_configs") / name / target
+    if storage is None:
+        if not (out_dir / "study.db").is_file():
+            raise ConfigError(
+                f"{out_dir / 'study.db'}: no study there (run `kvtuner search --target {target}` "
+                "first, or pass --storage)"
+            )
+        storage = default_storage(out_dir)
+    with storage_errors(storage):
+        opened, label = open_storage(storage), study_name or f"{name}-{target}"
+        if not study_exists(opened, label):
+            names = ", ".join(s.study_name for s in opened.get_all_studies()) or "none"
+            raise ConfigError(
+                f"study '{label}' in {redact(storage)}: no such study (studies there: {names})"
+            )
+        study = optuna.load_study(study_name=label, storage=opened)
+        if study.user_attrs.get("target") != target:
+            raise ConfigError(
+                f"study {study.study_name}: searched for target {study.user_attrs.get('target')!r}, not {target!r}"
+            )
+        context = int(study.user_attrs.get("context", defaults.BUDGET_CONTEXT))
+        space, name, _ = _engine_space(model, target, context)
+        kv_amax = [tuple(a) for a in study.user_attrs["kv_amax"]]
+        _export(study, space, caps, kv_amax, out_dir, name, redact(storage), json)
+
+
+def _export(
+    study: Any,
+    space: Any,
+    caps: tuple[float, ...],
+    kv_amax: Any,
+    out_dir: Path,
+    name: str,
+    where: str,
+    json: bool,
+) -> None:
+    from kvtuner.engines.export import commands, write_engine_files
+    from kvtuner.search.engine import best_per_cap
+
+    rows: list[dict[str, Any]] = []
+    for cap, best in best_per_cap(study, space, caps).items():
+        if best is None:
+            rows.append({"cap": cap, "path": None})
+            continue
+        plan, kl, bits = best
+        plan = plan.__class__(
+            plan.target,
+            plan.family,
+            plan.layers,
+            model=name,
+            kv_amax=tuple(tuple(a) for a in kv_amax),
+            metadata={
+                "objective": "joint KL on calibration samples",
+                "value": kl,
+                "cap": cap,
+                "budget": "effective bits of engine storage",
+                "budget_context": space.context,
+                "effective_bits": bits,
+                "found_by": f"kvtuner search --target {space.target} (NSGA-II)",
+            },
+        )
+        stem = out_dir / plan_name(cap)
+        path = plan.save(stem.with_name(stem.name + ".yaml"))
+        files = write_engine_files(plan, stem)
+        rows.append(
+            {
+                "cap": cap,
+                "path": str(path),
+                "files": [str(f) for f in files],
+                "setting": plan.family,
+                "layers": [c.label for c in plan.layers],
+                "effective_bits": bits,
+                "search_kl": kl,
+                **commands(plan),
+            }
+        )
+    finished = sum(1 for t in study.trials if t.state.name == "COMPLETE")
+    summary = {
+        "model": name,
+        "target": space.target,
+        "storage": where,
+        "study": study.study_name,
+        "trials": finished,
+        "configs": rows,
+    }
+    if json:
+        emit_json(summary)
+        return
+    lines = [f"{name} -> {space.target}: {finished} trials in {where} (study {study.study_name})"]
+    for row in rows:
+        lines.append("")
+        if row["path"] is None:
+            lines.append(f"cap {row['cap']:g}: no trial fits")
+            continue
+        lines.append(
+            f"cap {row['cap']:g}: {row['setting']}, {row['effective_bits']:.2f} effective bits, "
+            f"joint KL {row['search_kl']:.4g} (calibration samples)"
+        )
+        if "command" in row:
+            lines.append(f"  {row['command']}")
+        lines.append(f"  wrote {row['path']} and {', '.join(row['files'])}")
     typer.echo("\n".join(lines))

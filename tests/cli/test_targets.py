@@ -105,3 +105,39 @@ def test_a_format_the_model_cannot_take_is_refused_before_measuring(root, capsys
 def test_an_unknown_target_is_refused(root, capsys):
     assert calibrate(root, "tgi") == 2
     assert "unknown target 'tgi'" in capsys.readouterr().err
+
+
+def test_search_target_seeds_with_the_knapsack_resumes_and_exports(root, capsys, tmp_path):
+    assert calibrate(root, "modelopt") == 0
+    capsys.readouterr()
+    args = ["search", "--model", str(root / "tiny64"), "--target", "modelopt",
+            "--max-bits", "6,9", "--trials", "6", "--population", "4",
+            "--calibration", str(root / "calibration"), "--text", str(root / "words.txt"),
+            "--samples", "2", "--continuation", "8", "--out", str(tmp_path), "--json"]  # fmt: skip
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["trials"] == 6
+    for row in first["configs"]:
+        assert row["effective_bits"] <= row["cap"] + 1e-9
+        assert (tmp_path / "engine_c6.0" / "hf_quant_config.json").is_file()
+    import optuna
+
+    study = optuna.load_study(
+        study_name="tiny64-modelopt", storage=f"sqlite:///{tmp_path}/study.db"
+    )
+    assert main(["allocate", "--model", str(root / "tiny64"), "--target", "modelopt",
+                 "--max-bits", "6", "--calibration", str(root / "calibration"),
+                 "--out", str(tmp_path / "k"), "--no-eval", "--json"]) == 0  # fmt: skip
+    knapsack = json.loads(capsys.readouterr().out)["configs"][0]["layers"]
+    assert study.trials[0].user_attrs["key"] == " ".join(knapsack)  # seeded with the knapsack
+    args[args.index("--trials") + 1] = "9"  # the same storage: it continues to 9 trials
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["trials"] == 9
+    assert main(["export", "--model", str(root / "tiny64"), "--target", "modelopt",
+                 "--max-bits", "6", "--out", str(tmp_path), "--json"]) == 0  # fmt: skip
+    exported = json.loads(capsys.readouterr().out)["configs"][0]
+    plan = load_plan(exported["path"])
+    assert plan.target == "modelopt" and exported["search_kl"] >= 0
+    assert main(["export", "--model", str(root / "tiny64"), "--target", "vllm",
+                 "--study-name", "tiny64-modelopt", "--out", str(tmp_path)]) == 2  # fmt: skip
+    assert "searched for target 'modelopt', not 'vllm'" in capsys.readouterr().err
