@@ -30,11 +30,17 @@ def calibration_text(path: str | Path | None = None) -> str:
     return "\n\n".join(pydoc_data.topics.topics.values())
 
 
-def heldout_text(path: str | Path | None = None) -> str:
-    """The text of `path` (plain or JSONL), or the shipped held-out text when `path` is None."""
+def heldout_text(path: str | Path | None = None, *, long: bool = False) -> str:
+    """The text of `path` (plain or JSONL), or the shipped held-out text when `path` is None;
+    `long` adds the long held-out text (the Vim user manual, about 160k tokens) after it, enough
+    for 8 samples of 16k tokens (`kvtuner eval --context` above `defaults.LONG_CONTEXT`)."""
     if path is not None:
         return read_text(path)
-    return resources.files("kvtuner").joinpath("texts", "heldout.txt").read_text(encoding="utf-8")
+    texts = resources.files("kvtuner").joinpath("texts")
+    text = texts.joinpath("heldout.txt").read_text(encoding="utf-8")
+    if long:
+        text += "\n\n" + texts.joinpath("heldout_long.txt").read_text(encoding="utf-8")
+    return text
 
 
 def text_source(path: str | Path | None, default: str = CALIBRATION_SOURCE) -> str:

@@ -77,6 +77,8 @@ EVAL_SAMPLES = 8
 EVAL_CONTEXT = 512  # at least; longer on models whose sliding windows it would not fill
 EVAL_CONTINUATION = 128
 EVAL_CHUNK = 32
+# contexts above this are evaluated on the long held-out text (kvtuner.data.heldout_text(long=True))
+LONG_CONTEXT = 2048
 
 
 def eval_context(windows: tuple[int | None, ...] | list[int | None] = ()) -> int:

@@ -98,10 +98,16 @@ def stderr(values: Sequence[float]) -> float:
     return math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1) / n)
 
 
-def prefill(model: Any, input_ids: torch.Tensor, cache: Any) -> None:
-    """The prefill forward of the protocol: all but the last context token into `cache`."""
-    # prefill logits are never scored: keep one position to skip the large vocabulary projection
-    model(**with_cache(model, cache, input_ids=input_ids, use_cache=True, logits_to_keep=1))
+PREFILL_CHUNK = 4096  # tokens a prefill forward takes at once: long contexts in bounded memory
+
+
+def prefill(model: Any, input_ids: torch.Tensor, cache: Any, chunk: int = PREFILL_CHUNK) -> None:
+    """The prefill of the protocol: all but the last context token into `cache`, `chunk` tokens a
+    forward, so the activations and the attention mask of a 16k-token context stay bounded."""
+    for start in range(0, input_ids.shape[1], chunk):
+        # prefill logits are never scored: keep one position to skip the vocabulary projection
+        ids = input_ids[:, start : start + chunk]
+        model(**with_cache(model, cache, input_ids=ids, use_cache=True, logits_to_keep=1))
 
 
 def chunk_logits(
@@ -130,16 +136,28 @@ def continuation_logits(
 
 
 class RecordingCache(DynamicCache):
-    """A DynamicCache that also keeps the keys and values each layer was given at its first update
-    (the prefill's, whole, before any sliding window drops them)."""
+    """A DynamicCache that also keeps the keys and values each layer is given while `recording`
+    (the prefill's, every chunk, before any sliding window drops them): `recorded` per layer."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recording = True
+        self._chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.recorded.setdefault(layer_idx, (key_states, value_states))
+        if self.recording:
+            self._chunks.setdefault(layer_idx, []).append((key_states, value_states))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def recorded(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the recorded keys and values, chunks joined (the first call stops recording)."""
+        self.recording = False
+        for layer, chunks in self._chunks.items():
+            if len(chunks) > 1:
+                keys = torch.cat([k for k, _ in chunks], dim=-2)
+                self._chunks[layer] = [(keys, torch.cat([v for _, v in chunks], dim=-2))]
+        return {layer: chunks[0] for layer, chunks in self._chunks.items()}
 
 
 def replay(cache: Any, recorded: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
@@ -226,7 +244,7 @@ class Evaluator:
         for batch in tqdm(self.batches(), desc="reference", disable=not self.progress, leave=False):
             cache = RecordingCache(config=self.model.config)
             prefill(self.model, batch[:, : self.protocol.context - 1], cache)
-            self._recorded.append(cache.recorded)
+            self._recorded.append(cache.recorded)  # stops recording: the chunks are scored next
             rows.append(
                 torch.log_softmax(chunk_logits(self.model, batch, cache, self.protocol), -1)
             )

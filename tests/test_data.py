@@ -104,3 +104,14 @@ def test_token_samples_too_short_or_empty_text():
         token_samples(tok, "  \n", num_samples=1, seq_len=8)
     with pytest.raises(ConfigError, match="--samples"):
         token_samples(tok, numbers(100), num_samples=0, seq_len=8)
+
+
+def test_the_long_heldout_text_holds_eight_16k_samples_and_is_not_calibration_text():
+    from kvtuner.data import calibration_text, heldout_text
+
+    short, long = heldout_text(), heldout_text(long=True)
+    assert long.startswith(short) and len(long) > 4 * len(short)
+    assert "VIM USER MANUAL" in long
+    calibration = calibration_text()
+    probe = long[len(short) + 5000 : len(short) + 5200]
+    assert probe not in calibration

@@ -194,3 +194,25 @@ def test_embedded_model_kl_and_the_shipped_searched_config(gemma):
     searched = evaluator.evaluate(shipped).kl
     assert searched < 0.5 * kl["K4V2"]
     assert searched < 2 * kl["KV4"]
+
+
+def test_a_chunked_prefill_records_and_caches_what_one_forward_does():
+    from conftest import build_tiny_model
+
+    from kvtuner.evaluate import RecordingCache, prefill
+
+    model = build_tiny_model("gemma3")  # sliding layers: the recording keeps the whole prefill
+    ids = torch.randint(3, 128, (2, 50))
+    whole, chunked = RecordingCache(config=model.config), RecordingCache(config=model.config)
+    with torch.no_grad():
+        prefill(model, ids, whole)
+        prefill(model, ids, chunked, chunk=16)
+    a, b = whole.recorded, chunked.recorded
+    assert sorted(a) == sorted(b) == list(range(4))
+    for layer in a:
+        assert b[layer][0].shape[-2] == 50
+        torch.testing.assert_close(b[layer][0], a[layer][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[layer][1], a[layer][1], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # once read, the recording stops: scored chunks are not recorded
+        model(input_ids=ids[:, :4], past_key_values=chunked, use_cache=True)
+    assert chunked.recorded[0][0].shape[-2] == 50

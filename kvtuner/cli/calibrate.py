@@ -109,6 +109,14 @@ def calibrate(
     out: Annotated[
         Path, typer.Option("--out", help="Root folder; files go to <out>/<model>/<scheme>/.")
     ] = Path("calibration"),
+    context: Annotated[
+        int | None,
+        typer.Option(
+            "--context",
+            min=2,
+            help="Measure at the context you serve at: sets --seq-len and --layer-kl-context.",
+        ),
+    ] = None,
     target: Annotated[str | None, typer.Option("--target", help=TARGET_HELP)] = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
@@ -117,6 +125,8 @@ def calibrate(
     """Measure each layer's sensitivity: e_o for every (key bits, value bits) pair, and the
     end-to-end KL of quantizing each layer alone at its Pareto pairs. With --target, the
     single-layer KL of every KV format that engine stores (and each layer's key/value amax)."""
+    if context is not None:
+        seq_len, layer_kl_context = context, context
     if target is not None:
         from kvtuner.cli.targets import calibrate_target
 

@@ -221,7 +221,8 @@ def eval_command(
     early = load_config_without_model(
         config, scheme=scheme
     )  # a bad config fails before the model load
-    corpus = heldout_text(text)
+    long = (context or 0) > defaults.LONG_CONTEXT  # long contexts need the long held-out text
+    corpus = heldout_text(text, long=long)
     task_list = load_tasks(tasks) if tasks is not None else None
     info(f"loading {model} ...", json)
     loaded = load_model(model, device=device, dtype=dtype)
@@ -253,7 +254,7 @@ def eval_command(
         "continuation": continuation,
         "per_sample_kl": list(result.per_sample_kl),
         "quantize_prefill": quantize_prefill,
-        "text": str(text) if text is not None else "heldout",
+        "text": str(text) if text is not None else ("heldout-long" if long else "heldout"),
     }
     if task_list is not None:
         scored = accuracy(

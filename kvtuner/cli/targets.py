@@ -352,7 +352,8 @@ def eval_engine(
         if problem:
             raise ConfigError(f"{model}: {problem}")
     EvalProtocol(context or defaults.EVAL_CONTEXT, continuation, chunk)
-    corpus = heldout_text(text)
+    long = (context or 0) > defaults.LONG_CONTEXT  # long contexts need the long held-out text
+    corpus = heldout_text(text, long=long)
     info(f"loading {model} ...", json)
     loaded = load_model(model, device=device, dtype=dtype)
     if needs_amax(plan):
@@ -383,7 +384,7 @@ def eval_engine(
         "context": protocol.context,
         "continuation": continuation,
         "per_sample_kl": list(result.per_sample_kl),
-        "text": str(text) if text is not None else "heldout",
+        "text": str(text) if text is not None else ("heldout-long" if long else "heldout"),
     }
     if json:
         emit_json(summary)

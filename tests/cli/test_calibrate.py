@@ -127,3 +127,18 @@ def test_gemma_calibration_is_monotone_and_prunes_to_a_small_space(tmp_path, cap
     summary = json.loads(stdout)
     assert summary["size_before"] == 9**18
     assert summary["size_after"] <= 10**5
+
+
+def test_context_measures_both_tables_at_the_served_context(
+    tiny_model_dir, text_file, tmp_path, capsys
+):
+    import yaml
+
+    out = tmp_path / "calibration"
+    args = ["calibrate", "--model", str(tiny_model_dir), "--text", str(text_file), "--samples", "2",
+            "--context", "96", "--query-tokens", "8", "--layer-kl-samples", "2",
+            "--additivity", "0", "--out", str(out), "--json"]  # fmt: skip
+    rc, stdout, _ = run(args, capsys)
+    assert rc == 0
+    meta = yaml.safe_load((out / "tiny-llama" / "per-token" / "metadata.yaml").read_text())
+    assert meta["seq_len"] == 96 and meta["layer_kl"]["context"] == 96
