@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -124,3 +126,18 @@ def check_budget(budget: str) -> str:
     if budget not in BUDGETS:
         raise ConfigError(f"--budget must be one of {', '.join(BUDGETS)}; got '{budget}'")
     return budget
+
+
+@contextlib.contextmanager
+def quiet_progress(quiet: bool) -> Iterator[None]:
+    """Silence transformers' loading progress bars while `quiet` (stdout and stderr stay clean)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -7,8 +7,7 @@ from typing import Any
 
 import typer
 
-from kvtuner.cli.common import emit_json, info
-from kvtuner.cli.generate import _quiet_progress as quiet_progress
+from kvtuner.cli.common import emit_json, info, quiet_progress
 from kvtuner.errors import ConfigError
 
 

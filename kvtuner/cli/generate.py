@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -22,6 +20,7 @@ from kvtuner.cli.common import (
     QuantizePrefillOption,
     emit_json,
     info,
+    quiet_progress,
 )
 from kvtuner.errors import KVTunerError
 
@@ -73,7 +72,7 @@ def generate(
         early = load_config(config, num_layers=num_layers, scheme=scheme)
 
     started = time.perf_counter()
-    with _quiet_progress(json):
+    with quiet_progress(json):
         loaded = load_model(model, device=device, dtype=dtype)
     info(
         f"loaded {loaded.name} ({loaded.dtype}, {device}) in {time.perf_counter() - started:.1f} s",
@@ -127,21 +126,6 @@ def generate(
         emit_json(result)
         return
     info(memory_line(result))
-
-
-@contextlib.contextmanager
-def _quiet_progress(quiet: bool) -> Iterator[None]:
-    """Silence transformers' loading progress bars while `quiet` (stdout and stderr stay clean)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _encode(tokenizer: Any, prompt: str, chat: bool) -> Any:
