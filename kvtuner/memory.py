@@ -14,12 +14,19 @@ byte (tests/test_memory.py fills real caches and compares with `nbytes()`):
 Effective bits = dtype bits x bytes held / bytes a dense cache of the same dtype holds: the bits per
 cached element, 16 for a dense 16-bit cache. It is additive over layers (`layer_costs`), so a bit
 budget on it is a knapsack over layers.
+
+Engine storage (`engine_effective_bits`): a layer an engine stores in formats K and V
+(`kvtuner.targets.Choice`) holds each format's real bits per element (`kvtuner.formats`: codes and
+per-token or per-block scales; q4_0 4.5, nvfp4 4.5, int4_per_token_head 4 + 32/head_dim), 16 where
+it keeps the model dtype; layers weigh by the tokens they hold. tests/test_engine_cache.py checks
+it against `EngineKVCache.nbytes()`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvtuner.precision import FULL_PRECISION, Layout, PrecisionPair
 
@@ -198,3 +205,30 @@ def effective_bits(
 def _check(pairs: Sequence[PrecisionPair], shape: ModelShape) -> None:
     if len(pairs) != shape.num_layers:
         raise ValueError(f"{len(pairs)} pairs for a model of {shape.num_layers} layers")
+
+
+# -- engine storage (kvtuner.targets.Choice: an engine's K and V formats for one layer) --------
+
+
+def token_shares(windows: Sequence[int | None], context: int) -> list[float]:
+    """Each layer's share of the cached tokens at `context` (sliding layers hold `window - 1`)."""
+    tokens = [context if w is None else min(context, w - 1) for w in windows]
+    total = sum(tokens)
+    return [t / total for t in tokens]
+
+
+def engine_layer_costs(
+    candidates: Sequence[Any], head_dim: int, windows: Sequence[int | None], context: int
+) -> list[dict[Any, float]]:
+    """Per layer, the effective bits each candidate adds: they sum to `effective_bits`."""
+    return [{c: w * c.bits(head_dim) for c in candidates} for w in token_shares(windows, context)]
+
+
+def engine_effective_bits(
+    choices: Sequence[Any], head_dim: int, windows: Sequence[int | None], context: int
+) -> float:
+    """Bits per cached element of an engine holding `choices` after `context` tokens."""
+    if len(choices) != len(windows):
+        raise ValueError(f"{len(choices)} choices for a model of {len(windows)} layers")
+    weights = token_shares(windows, context)
+    return sum(w * c.bits(head_dim) for w, c in zip(weights, choices))

@@ -21,6 +21,7 @@ import yaml
 from kvtuner.allocate import allocate
 from kvtuner.errors import ConfigError
 from kvtuner.io import atomic_write_text
+from kvtuner.memory import engine_layer_costs, token_shares
 from kvtuner.targets import (
     DENSE,
     LLAMACPP_TYPES,
@@ -32,8 +33,6 @@ from kvtuner.targets import (
     check_target,
     choice_loss,
     family_losses,
-    layer_costs,
-    layer_weights,
     llamacpp_choice,
     lmdeploy_choice,
     modelopt_choice,
@@ -191,7 +190,7 @@ def allocate_plan(
     best: Allotted | None = None
     for family, candidates in usable_families(target, head_dim).items():
         losses = family_losses(measured, candidates)
-        costs = layer_costs(candidates, head_dim, windows, context)
+        costs = engine_layer_costs(candidates, head_dim, windows, context)
         found = allocate(losses, costs, cap, order=_order)
         if found is None:
             continue
@@ -205,7 +204,7 @@ def uniform_plans(
 ) -> list[Allotted]:
     """Every all-layers setting of `target` (each layer quantized alike), cheapest loss first."""
     out = []
-    weights = layer_weights(windows, context)
+    weights = token_shares(windows, context)
     for family, candidates in usable_families(target, head_dim).items():
         for choice in candidates:
             if choice.dense:
@@ -246,7 +245,7 @@ def first_last_plan(
     """ik_llama.cpp's form: a type pair for all layers but the first N and last M, which take a
     richer pair (q8_0/q8_0 or f16/f16); the lowest summed single-layer KL under `cap`."""
     n = len(measured)
-    weights = layer_weights(windows, context)
+    weights = token_shares(windows, context)
     bases = [c for (c,) in usable_families("llama.cpp", head_dim).values()]
     best: Allotted | None = None
     for base, up_label in itertools.product(bases, FIRST_LAST_UPGRADES):

@@ -14,8 +14,9 @@ offers *families*, the per-layer candidate sets one engine setting allows:
 An allocation under a cap is the best family's knapsack (`kvtuner.allocate`) on single-layer KL.
 `probes(target)` are the choices `kvtuner calibrate --target` measures per layer; the loss of a
 choice it did not measure (a llama.cpp K/V pair) is its key-only loss plus its value-only loss.
-Costs are effective bits of engine storage: each format's real bits per element (scales
-included; 16 for the model dtype), weighted by the tokens each layer holds at the budget context.
+Costs are effective bits of engine storage (`kvtuner.memory.engine_effective_bits`): each
+format's real bits per element (scales included; 16 for the model dtype), weighted by the tokens
+each layer holds at the budget context.
 """
 
 from __future__ import annotations
@@ -196,27 +197,3 @@ def choice_loss(measured: Mapping[Choice, float], choice: Choice) -> float:
 def family_losses(measured: Losses, candidates: Sequence[Choice]) -> list[dict[Choice, float]]:
     """Per layer, each candidate's loss (see `choice_loss`)."""
     return [{c: choice_loss(layer, c) for c in candidates} for layer in measured]
-
-
-def layer_weights(windows: Sequence[int | None], context: int) -> list[float]:
-    """Each layer's share of the cached tokens at `context` (sliding layers hold `window - 1`)."""
-    tokens = [context if w is None else min(context, w - 1) for w in windows]
-    total = sum(tokens)
-    return [t / total for t in tokens]
-
-
-def layer_costs(
-    candidates: Sequence[Choice], head_dim: int, windows: Sequence[int | None], context: int
-) -> list[dict[Choice, float]]:
-    """Per layer, the effective bits each candidate adds: they sum to `effective_bits`."""
-    return [{c: w * c.bits(head_dim) for c in candidates} for w in layer_weights(windows, context)]
-
-
-def effective_bits(
-    choices: Sequence[Choice], head_dim: int, windows: Sequence[int | None], context: int
-) -> float:
-    """Bits per cached element of an engine holding `choices` after `context` tokens."""
-    if len(choices) != len(windows):
-        raise ValueError(f"{len(choices)} choices for a model of {len(windows)} layers")
-    weights = layer_weights(windows, context)
-    return sum(w * c.bits(head_dim) for w, c in zip(weights, choices))

@@ -47,9 +47,9 @@ def measure(model: str, samples: int) -> dict:
     from kvtuner.engine_calibrate import load_engine_calibration
     from kvtuner.evaluate import Evaluator, eval_samples, protocol_for
     from kvtuner.layer_kl import losses
+    from kvtuner.memory import engine_effective_bits
     from kvtuner.models import load_model
     from kvtuner.plan import allocate_plan, best_uniform, first_last_plan
-    from kvtuner.targets import effective_bits
 
     torch.set_grad_enabled(False)
     loaded = load_model(model)
@@ -112,13 +112,13 @@ def measure(model: str, samples: int) -> dict:
                 "plan": {
                     "setting": plan.family,
                     "layers": [c.label for c in plan.layers],
-                    "effective_bits": effective_bits(plan.layers, size, windows, CONTEXT),
+                    "effective_bits": engine_effective_bits(plan.layers, size, windows, CONTEXT),
                     "kl": sum(mine) / len(mine),
                     "per_sample_kl": mine,
                 },
                 "uniform": {
                     "setting": uniform.layers[0].label,
-                    "effective_bits": effective_bits(uniform.layers, size, windows, CONTEXT),
+                    "effective_bits": engine_effective_bits(uniform.layers, size, windows, CONTEXT),
                     "kl": sum(theirs) / len(theirs),
                     "per_sample_kl": theirs,
                 },

@@ -11,8 +11,9 @@ from kvtuner.compat import with_cache
 from kvtuner.engine_cache import EngineKVCache, EngineKVLayer, with_scale
 from kvtuner.errors import ConfigError
 from kvtuner.formats import fake_quantize, nbytes
+from kvtuner.memory import engine_effective_bits
 from kvtuner.plan import EnginePlan
-from kvtuner.targets import DENSE, TARGETS, effective_bits, llamacpp_choice, probes, vllm_choice
+from kvtuner.targets import DENSE, TARGETS, llamacpp_choice, probes, vllm_choice
 
 ALL_PROBES = [(t, c) for t in TARGETS for c in probes(t)]
 AMAX = (3.0, 2.0)
@@ -83,7 +84,7 @@ def test_cache_bytes_are_the_effective_bits_of_engine_storage(arch):
         out = model(**with_cache(model, cache, input_ids=ids[:, 39:], use_cache=True))
     assert torch.isfinite(out.logits).all()
     windows = sliding_windows(model.config)
-    bits = effective_bits(layers, 64, windows, 40)
+    bits = engine_effective_bits(layers, 64, windows, 40)
     assert 16 * cache.nbytes() / cache.dense_nbytes() == pytest.approx(bits)
 
 

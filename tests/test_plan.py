@@ -8,6 +8,7 @@ import random
 import pytest
 
 from kvtuner.errors import ConfigError
+from kvtuner.memory import engine_effective_bits
 from kvtuner.plan import (
     EnginePlan,
     allocate_plan,
@@ -19,7 +20,6 @@ from kvtuner.plan import (
 from kvtuner.targets import (
     DENSE,
     choice_loss,
-    effective_bits,
     families,
     llamacpp_choice,
     probes,
@@ -44,7 +44,7 @@ def test_allocation_is_the_best_any_setting_allows_under_the_cap(target, cap):
     best = None
     for candidates in families(target).values():
         for layers in itertools.product(candidates, repeat=len(windows)):
-            if effective_bits(layers, HEAD_DIM, windows, 128) > cap + 1e-9:
+            if engine_effective_bits(layers, HEAD_DIM, windows, 128) > cap + 1e-9:
                 continue
             loss = sum(choice_loss(m, c) for m, c in zip(measured, layers))
             best = loss if best is None else min(best, loss)
@@ -53,7 +53,9 @@ def test_allocation_is_the_best_any_setting_allows_under_the_cap(target, cap):
         return
     assert found.loss == pytest.approx(best, rel=1e-9)
     assert found.bits <= cap + 1e-9
-    assert found.bits == pytest.approx(effective_bits(found.plan.layers, HEAD_DIM, windows, 128))
+    assert found.bits == pytest.approx(
+        engine_effective_bits(found.plan.layers, HEAD_DIM, windows, 128)
+    )
     if target == "vllm":  # one dtype, the rest skipped
         assert len({c for c in found.plan.layers if not c.dense}) <= 1
 
@@ -81,7 +83,7 @@ def test_first_last_form_matches_brute_force():
                     if first + last == 0:
                         continue
                     layers = [up] * first + [base] * (n - first - last) + [up] * last
-                    if effective_bits(layers, HEAD_DIM, windows, 64) > cap + 1e-9:
+                    if engine_effective_bits(layers, HEAD_DIM, windows, 64) > cap + 1e-9:
                         continue
                     loss = sum(choice_loss(m, c) for m, c in zip(measured, layers))
                     best = loss if best is None else min(best, loss)

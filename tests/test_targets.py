@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 
 from kvtuner.errors import ConfigError
+from kvtuner.memory import engine_effective_bits, engine_layer_costs
 from kvtuner.targets import (
     DENSE,
     TARGETS,
     choice_loss,
-    effective_bits,
     families,
     head_dim_problem,
-    layer_costs,
     llamacpp_choice,
     probes,
     usable_families,
@@ -47,12 +46,12 @@ def test_effective_bits_weigh_layers_by_the_tokens_they_hold():
     q4 = llamacpp_choice("q4_0", "q4_0")
     # two full layers and one sliding layer of window 513 at 4096 tokens: 4096, 4096, 512
     windows = [None, None, 513]
-    bits = effective_bits([DENSE, DENSE, q4], 64, windows, 4096)
+    bits = engine_effective_bits([DENSE, DENSE, q4], 64, windows, 4096)
     assert bits == pytest.approx((2 * 4096 * 16 + 512 * 4.5) / (2 * 4096 + 512))
-    costs = layer_costs([q4, DENSE], 64, windows, 4096)
+    costs = engine_layer_costs([q4, DENSE], 64, windows, 4096)
     assert sum(c[q4] for c in costs) == pytest.approx(4.5)
     with pytest.raises(ValueError):
-        effective_bits([q4], 64, windows, 4096)
+        engine_effective_bits([q4], 64, windows, 4096)
 
 
 def test_pair_losses_add_a_layers_key_only_and_value_only_probes():

@@ -146,9 +146,9 @@ def allocate_target(
     from kvtuner.calibrate import output_folder
     from kvtuner.compat import sliding_windows, text_config
     from kvtuner.engine_calibrate import load_engine_calibration
+    from kvtuner.memory import engine_effective_bits
     from kvtuner.models import load_model_config, model_name
     from kvtuner.plan import allocate_plan, best_uniform, first_last_plan
-    from kvtuner.targets import effective_bits
 
     name = model_name(model)
     model_config = load_model_config(model)
@@ -189,7 +189,7 @@ def allocate_target(
                 "cap": cap,
                 "budget": "effective bits of engine storage",
                 "budget_context": context,
-                "effective_bits": effective_bits(plan.layers, size, windows, context),
+                "effective_bits": engine_effective_bits(plan.layers, size, windows, context),
                 "found_by": f"kvtuner allocate --target {target}",
             },
         )
@@ -246,7 +246,7 @@ def _write(
 ) -> dict[str, Any]:
     from kvtuner.engines.export import commands, write_engine_files
     from kvtuner.evaluate import stderr
-    from kvtuner.targets import effective_bits
+    from kvtuner.memory import engine_effective_bits
 
     out_rows = []
     for row in rows:
@@ -263,7 +263,7 @@ def _write(
             "files": [str(f) for f in files],
             "setting": plan.family,
             "layers": [c.label for c in plan.layers],
-            "effective_bits": effective_bits(plan.layers, head_dim, windows, context),
+            "effective_bits": engine_effective_bits(plan.layers, head_dim, windows, context),
             "summed_kl": row["summed_kl"],
             **commands(plan),
         }
@@ -271,7 +271,7 @@ def _write(
         if uniform is not None:
             entry["uniform"] = {
                 "setting": uniform.layers[0].label,
-                "effective_bits": effective_bits(uniform.layers, head_dim, windows, context),
+                "effective_bits": engine_effective_bits(uniform.layers, head_dim, windows, context),
             }
         mine, theirs = results.get((row["cap"], "plan")), results.get((row["cap"], "uniform"))
         if mine is not None:
@@ -341,8 +341,8 @@ def eval_engine(
     from kvtuner.engine_cache import EngineKVCache
     from kvtuner.engines.export import load_engine_config, needs_amax
     from kvtuner.evaluate import EvalProtocol, Evaluator, eval_samples, protocol_for
+    from kvtuner.memory import engine_effective_bits
     from kvtuner.models import load_model, load_model_config
-    from kvtuner.targets import effective_bits
 
     model_config = load_model_config(model)
     plan = load_engine_config(config, int(text_config(model_config).num_hidden_layers))
@@ -377,7 +377,9 @@ def eval_engine(
         "kl_stderr": result.kl_stderr,
         "ppl": result.ppl,
         "reference_ppl": result.reference_ppl,
-        "effective_bits": effective_bits(plan.layers, size, windows, defaults.BUDGET_CONTEXT),
+        "effective_bits": engine_effective_bits(
+            plan.layers, size, windows, defaults.BUDGET_CONTEXT
+        ),
         "effective_bits_context": defaults.BUDGET_CONTEXT,
         "tokens": result.tokens,
         "samples": samples,
@@ -422,9 +424,9 @@ def show_engine(config: str, model: str | None, context: int, json: bool) -> Non
     (with a model, or a plan naming its model) effective bits of engine storage."""
     from kvtuner.compat import head_dim, sliding_windows, text_config
     from kvtuner.engines.export import commands, is_engine_file, load_engine_config
+    from kvtuner.memory import engine_effective_bits
     from kvtuner.models import load_model_config
     from kvtuner.plan import load_plan
-    from kvtuner.targets import effective_bits
 
     if model is None and not is_engine_file(config):
         model = load_plan(config).model
@@ -440,7 +442,9 @@ def show_engine(config: str, model: str | None, context: int, json: bool) -> Non
         "model": model,
         "num_layers": plan.num_layers,
         "layers": [c.label for c in plan.layers],
-        "effective_bits": effective_bits(plan.layers, size, sliding_windows(model_config), context),
+        "effective_bits": engine_effective_bits(
+            plan.layers, size, sliding_windows(model_config), context
+        ),
         "context": context,
         **commands(plan),
     }

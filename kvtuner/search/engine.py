@@ -17,8 +17,9 @@ from typing import Any
 
 import optuna
 
+from kvtuner.memory import engine_effective_bits
 from kvtuner.plan import EnginePlan
-from kvtuner.targets import Choice, effective_bits, usable_families
+from kvtuner.targets import Choice, usable_families
 
 SETTING = "setting"
 
@@ -74,7 +75,7 @@ class EngineSpace:
         return self.plan(setting, indices)
 
     def bits(self, plan: EnginePlan) -> float:
-        return effective_bits(plan.layers, self.head_dim, self.windows, self.context)
+        return engine_effective_bits(plan.layers, self.head_dim, self.windows, self.context)
 
 
 def plan_key(plan: EnginePlan) -> str:

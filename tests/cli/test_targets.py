@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from kvtuner.cli import main
 from kvtuner.engines.export import read_export
+from kvtuner.memory import engine_effective_bits
 from kvtuner.plan import load_plan
-from kvtuner.targets import effective_bits
 
 
 def save_folder(folder, head_dim):
@@ -60,7 +60,7 @@ def test_calibrate_then_allocate_writes_what_the_engine_reads(root, target, caps
         assert plan.target == target and plan.num_layers == 4 and plan.kv_amax is not None
         assert row["effective_bits"] <= row["cap"] + 1e-9
         assert row["effective_bits"] == pytest.approx(
-            effective_bits(plan.layers, 64, [None] * 4, summary["context"])
+            engine_effective_bits(plan.layers, 64, [None] * 4, summary["context"])
         )
         assert row["heldout_kl"] >= 0 and row["uniform"]["heldout_kl"] >= 0
         engine_file = row["files"][0]
