@@ -29,7 +29,7 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
-# the README's result tables and plots (about 30 minutes on 2 cores; peers: transformers QuantizedCache)
+# the result tables (docs/results.md, the README's summary) and plots (about 30 minutes on 2 cores; peers: transformers QuantizedCache)
 reproduce: install
 	$(PIP) install -q -e ".[models,test,peers]"
 	$(PY) scripts/reproduce.py

@@ -1,9 +1,10 @@
-"""Results tables as markdown, and the README blocks they live in.
+"""Results tables as markdown, and the markdown blocks they live in.
 
-A results frame has one row per cache (columns in `RESULT_COLUMNS`); `markdown_table` renders it for
-the README. A README block is the text between `<!-- results:<model>:<scheme>:start -->` and
-`<!-- results:<model>:<scheme>:end -->`; `update_readme` rewrites only that text, atomically, and
-leaves the file untouched when the markers are missing or malformed.
+A results frame has one row per cache (columns in `RESULT_COLUMNS`); `results_markdown` renders one
+(model, scheme) frame for docs/results.md, `summary_markdown` a few rows of every frame for the
+README. A block is the text between `<!-- results:<key>:start -->` and `<!-- results:<key>:end -->`
+of a markdown file (key `<model>:<scheme>` for a per-model table); `update_readme` rewrites only
+that text, atomically, and leaves the file untouched when the markers are missing or malformed.
 """
 
 from __future__ import annotations
@@ -117,6 +118,34 @@ def results_markdown(results: pd.DataFrame) -> str:
     return markdown_table(display_frame(results))
 
 
+def summary_markdown(results: pd.DataFrame, caps: Sequence[float] = (4.0, 5.0)) -> str:
+    """One row per (model, scheme) of concatenated results frames, in their order: held-out KL ±
+    s.e. and (effective bits) of uniform KV8 and KV4, of the searched config at each of `caps`
+    (the shipped `kvtuner_c<cap>.yaml`) and of transformers' QuantizedCache at 4 bits; `-` where a
+    table has no such row or its KL was not measured."""
+
+    def cell(rows: pd.DataFrame) -> str:
+        if rows.empty or pd.isna(rows.iloc[0]["kl"]):
+            return "-"
+        row = rows.iloc[0]
+        return f"{_kl(row['kl'], row['kl_stderr'])} ({_number(2)(row['effective_bits'])})"
+
+    header = ["model / scheme", "KV8", "KV4", *(f"C{cap:g} searched" for cap in caps)]
+    header.append("QuantizedCache 4-bit")
+    lines = []
+    for (model, scheme), part in results.groupby(["model", "scheme"], sort=False):
+        uniform = [
+            cell(part[(part["kind"] == "uniform") & (part["config"] == c)]) for c in ("KV8", "KV4")
+        ]
+        searched = [
+            cell(part[(part["kind"] == "searched") & (part["config"] == f"C{cap:g} search")])
+            for cap in caps
+        ]
+        peer = cell(part[(part["kind"] == "peer") & (part["equivalent_bits"] == 4)])
+        lines.append([f"{model} / {scheme}", *uniform, *searched, peer])
+    return markdown_table(pd.DataFrame(lines, columns=header))
+
+
 # -- README blocks ---------------------------------------------------------------------------------
 def markers(key: str) -> tuple[str, str]:
     """(start, end) marker lines of block `key`, e.g. key "gemma-3-270m:per-token"."""
@@ -144,7 +173,8 @@ def replace_block(text: str, key: str, content: str) -> str | None:
 
 
 def update_readme(path: str | Path, blocks: dict[str, str]) -> list[str]:
-    """Replace each block `{key: content}` of the README at `path`; return the keys not found there.
+    """Replace each block `{key: content}` of the markdown file at `path` (the README,
+    docs/results.md); return the keys not found there.
 
     The file is rewritten atomically, once, and only when some block changed; a missing file leaves
     every key unplaced.

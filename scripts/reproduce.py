@@ -13,9 +13,12 @@ calibration nor search read; the same samples for every row of a model):
 Columns: equivalent and effective bits, KL ± standard error, perplexity, KV bytes at
 `--memory-tokens` (a fresh cache filled through `update`, counted from the tensors it holds) and
 their ratio to the dense cache, decode tokens/s at `--bench-context` for a few rows (their ratio to
-the dense cache measured side by side). Plus the calibration summary, the near-lossless summary and
-the headline bench. Writes CSVs, plots and `.md` blocks under `--out`, and the blocks into the README
-between `<!-- results:<key>:start -->` and `<!-- results:<key>:end -->`.
+the dense cache measured side by side). Plus the README's summary of those tables, the calibration
+summary, the near-lossless summary and the headline bench. Writes CSVs, plots and `.md` blocks under
+`--out`, and each block between `<!-- results:<key>:start -->` and `<!-- results:<key>:end -->`:
+the per-model tables (key `<model>:<scheme>`) into docs/results.md (`--results-doc`), the summary
+(`summary`, from every `<model>_<scheme>.csv` under `--out`), `calibration` and `near-lossless` into
+README.md (`--readme`); `bench` has no markers there and is printed.
 """
 
 from __future__ import annotations
@@ -51,11 +54,19 @@ from kvtuner.io import atomic_write_text  # noqa: E402
 from kvtuner.models import load_model  # noqa: E402
 from kvtuner.plots import plot_precision_map, plot_quality_vs_bits  # noqa: E402
 from kvtuner.precision import SCHEMES  # noqa: E402
-from kvtuner.tables import RESULT_COLUMNS, block_key, results_markdown, update_readme  # noqa: E402
+from kvtuner.tables import (  # noqa: E402
+    RESULT_COLUMNS,
+    block_key,
+    results_markdown,
+    summary_markdown,
+    update_readme,
+)
 
 MODELS = ("gemma-3-270m", "smollm2-135m", "qwen2.5-coder-0.5b")
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DOC = ROOT / "docs" / "results.md"  # the per-model tables; the README has their summary
 BENCH_MODEL, BENCH_CONFIG, BENCH_ROUNDS = "smollm2-135m", "KV4", 5
+SUMMARY_CAPS = (4.0, 5.0)  # the README summary's searched columns
 _START = time.perf_counter()
 
 
@@ -70,6 +81,7 @@ class Settings:
     caps: tuple[float, ...]
     out: Path
     readme: Path | None
+    results_doc: Path | None
     calibration: Path
     configs: Path
     samples: int
@@ -241,7 +253,7 @@ def readme_block(
         f"{settings.bench_tokens} decode steps at {settings.bench_context} tokens of context, median of "
         f"{settings.bench_rounds}, the ratio against the dense cache in the same run (timed rows only).")]  # fmt: skip
     lines += [f"- {note}" for note in facts["notes"]]
-    folder = os.path.relpath(settings.out, (settings.readme or ROOT / "README.md").parent)
+    folder = os.path.relpath(settings.out, (settings.results_doc or RESULTS_DOC).parent)
     lines += ["", f"![KL vs bits, {model} {scheme}]({folder}/quality_vs_bits_{model}_{scheme}.png)",
               f"![per-layer bits, {model} {scheme}]({folder}/precision_map_{model}_{scheme}.png)",
               "", f"Reproduce: `{command_line()}`"]  # fmt: skip
@@ -298,6 +310,16 @@ def measure_model(name: str, settings: Settings) -> dict[str, dict[str, str]]:
     return blocks
 
 
+def results_summary(out: Path) -> str:
+    """The README summary of every per-model table saved under `out` (all models and schemes whose
+    `<model>_<scheme>.csv` is there, this run's or an earlier one's); "" when there is none."""
+    paths = [out / f"{m}_{s}.csv" for m in MODELS for s in SCHEMES]
+    frames = [pd.read_csv(path) for path in paths if path.is_file()]
+    if not frames:
+        return ""
+    return summary_markdown(pd.concat(frames, ignore_index=True), SUMMARY_CAPS)
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -319,7 +341,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    parser.add_argument("--no-readme", action="store_true", help="print the blocks only")
+    parser.add_argument("--results-doc", type=Path, default=RESULTS_DOC)
+    parser.add_argument(
+        "--no-readme", action="store_true", help="print the blocks only (README and results doc)"
+    )
     parser.add_argument(
         "--no-extras", action="store_true", help="no calibration, near-lossless, bench blocks"
     )
@@ -341,7 +366,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     return Settings(
         models=tuple(args.models), schemes=tuple(args.schemes), caps=defaults.CAPS, out=args.out,
-        readme=None if args.no_readme else args.readme, calibration=args.calibration,
+        readme=None if args.no_readme else args.readme,
+        results_doc=None if args.no_readme else args.results_doc, calibration=args.calibration,
         configs=args.configs, samples=args.samples, seed=args.seed,
         continuation=defaults.EVAL_CONTINUATION, memory_tokens=args.memory_tokens,
         bench_context=args.bench_context, bench_tokens=args.bench_tokens,
@@ -353,9 +379,17 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     settings.out.mkdir(parents=True, exist_ok=True)
-    blocks: dict[str, dict[str, str]] = {}
+    tables: dict[str, dict[str, str]] = {}  # per model and scheme, for docs/results.md
     for name in settings.models:
-        blocks.update(measure_model(name, settings))
+        tables.update(measure_model(name, settings))
+    blocks: dict[str, dict[str, str]] = {}  # for the README
+    summary = results_summary(settings.out)
+    if summary:
+        blocks["summary"] = {
+            "markdown": summary + f"\n\nReproduce: `{command_line()}`",
+            "title": "summary",
+        }
+        atomic_write_text(settings.out / "summary.md", blocks["summary"]["markdown"] + "\n")
     if settings.extras:
         text = summaries.calibration_summary(
             settings.calibration, settings.models, settings.schemes
@@ -381,11 +415,13 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__, "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
            "command": command_line(), "wall_time_s": round(time.perf_counter() - _START, 1)}  # fmt: skip
     atomic_write_text(settings.out / "environment.json", json.dumps(env, indent=2) + "\n")
-    if settings.readme is not None:
-        missing = update_readme(settings.readme, {k: v["markdown"] for k, v in blocks.items()})
+    for path, part in ((settings.results_doc, tables), (settings.readme, blocks)):
+        if path is None:
+            continue
+        missing = update_readme(path, {k: v["markdown"] for k, v in part.items()})
         for key in missing:
-            log(f"{settings.readme}: no markers for block {key}: printed below, README unchanged")
-    for block in blocks.values():
+            log(f"{path}: no markers for block {key}: printed below, file unchanged there")
+    for block in [*tables.values(), *blocks.values()]:
         print(f"\n## {block['title']}\n\n{block['markdown']}")
     log(f"done in {(time.perf_counter() - _START) / 60:.1f} min")
     return 0

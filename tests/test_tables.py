@@ -15,6 +15,7 @@ from kvtuner.tables import (
     markers,
     replace_block,
     results_markdown,
+    summary_markdown,
     update_readme,
 )
 
@@ -76,6 +77,27 @@ def test_results_markdown_has_a_row_per_result():
     assert len(lines) == 2 + len(results())
     assert "| kvtuner C3.5" in text and "QuantizedCache quanto 4-bit" in text
     assert not any(math.isnan(x) for x in results()["memory_ratio"])
+
+
+def test_summary_markdown_has_a_row_per_model_and_scheme():
+    first = results().assign(model="m1", scheme="per-token")
+    first.loc[3, "config"] = "C4 search"  # the searched row, labelled as scripts/reproduce.py does
+    second = results().assign(model="m2", scheme="kivi").drop(index=[1, 4])  # no KV8, no peer
+    second.loc[3, "config"] = "C5 search"
+    frames = pd.concat([first, second], ignore_index=True)
+    lines = summary_markdown(frames, caps=(4.0, 5.0)).splitlines()
+    assert len(lines) == 2 + 2  # header, rule, one row per (model, scheme) in their order
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["model / scheme", "KV8", "KV4", "C4 searched", "C5 searched",
+                      "QuantizedCache 4-bit"]  # fmt: skip
+    m1 = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert m1[0] == "m1 / per-token"
+    assert m1[1] == "0.0027 ± 0.0004 (8.25)"  # KL ± s.e. (effective bits)
+    assert m1[3] == "1.28 ± 0.12 (3.75)" and m1[4] == "-"  # no C5 row in this table
+    assert m1[5] == "-"  # the peer's KL was not measured
+    m2 = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert m2[0] == "m2 / kivi" and m2[1] == "-" and m2[3] == "-" and m2[5] == "-"
+    assert m2[4] == "1.28 ± 0.12 (3.75)"
 
 
 # -- README blocks ----------------------------------------------------------------------------------
