@@ -71,7 +71,14 @@ def measure(model: str, context: int, samples: int, continuation: int) -> dict:
                     "per_sample_kl": list(result.per_sample_kl),
                 }
             )
-            print(model, context, scheme, label, f"{result.kl:.4f} ± {result.kl_stderr:.4f}", flush=True)
+            print(
+                model,
+                context,
+                scheme,
+                label,
+                f"{result.kl:.4f} ± {result.kl_stderr:.4f}",
+                flush=True,
+            )
     return {
         "model": model,
         "context": context,
@@ -116,7 +123,11 @@ def main() -> None:
         for context in (int(c) for c in args.contexts.split(",")):
             result = measure(args.model, context, args.samples, args.continuation)
             (OUT / f"{args.model}_{context}.json").write_text(json.dumps(result, indent=1) + "\n")
-    results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    results = [
+        json.loads(p.read_text())
+        for p in sorted(OUT.glob("*.json"))
+        if not p.name.startswith("study_")
+    ]
     samples = sorted({r["samples"] for r in results})
     text = "\n".join(
         [
