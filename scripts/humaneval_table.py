@@ -1,0 +1,130 @@
+"""The HumanEval table: pass@1 of dense, uniform and shipped configs on the same problems, paired.
+
+Qwen2.5-Coder-0.5B by default; dense runs once, every config's completions are checked in the
+sandbox (`kvtuner.tasks.sandbox`) and compared with dense's on the same problems.
+
+    python scripts/humaneval_table.py --limit 20                 # the first 20 problems
+    python scripts/humaneval_table.py --limit 20 --configs KV8,K4V2
+    python scripts/humaneval_table.py --table                     # only re-render docs/humaneval.md
+
+Writes docs/humaneval/<model>_<config>_limit<N>.json (the same JSON as `kvtuner eval --task
+humaneval --json`) and docs/humaneval.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+OUT = Path("docs/humaneval")
+CONFIGS = {
+    "KV8": ("KV8", "per-token"),
+    "KV4": ("KV4", "per-token"),
+    "K4V2": ("K4V2", "per-token"),
+    "C4.0-per-token": ("searched_configs/{model}/per-token/kvtuner_c4.0.yaml", None),
+    "C5.0-per-token": ("searched_configs/{model}/per-token/kvtuner_c5.0.yaml", None),
+    "C4.0-kivi": ("searched_configs/{model}/kivi/kvtuner_c4.0.yaml", None),
+    "C5.0-kivi": ("searched_configs/{model}/kivi/kvtuner_c5.0.yaml", None),
+}
+
+
+def measure(model: str, labels: list[str], limit: int) -> None:
+    import torch
+
+    from kvtuner.cache import quantized_cache
+    from kvtuner.config import load_config
+    from kvtuner.models import load_model
+    from kvtuner.tasks import humaneval
+
+    torch.set_grad_enabled(False)
+    loaded = load_model(model)
+    problems = humaneval.load_problems(limit)
+    dense = humaneval.run_humaneval(
+        loaded.model, loaded.tokenizer, problems, None, label="dense", progress=True
+    )
+    for label in labels:
+        source, scheme = CONFIGS[label]
+        cfg = load_config(source.format(model=model), num_layers=loaded.num_layers, scheme=scheme)
+        outcomes = humaneval.run_humaneval(
+            loaded.model,
+            loaded.tokenizer,
+            problems,
+            lambda cfg=cfg: quantized_cache(loaded.model, cfg),
+            label=label,
+            progress=True,
+        )
+        paired = humaneval.compare(outcomes, dense)
+        summary = {
+            "task": "humaneval",
+            "model": loaded.name,
+            "config": label,
+            "scheme": cfg.scheme,
+            "equivalent_bits": cfg.equivalent_bits,
+            "problems": paired.problems,
+            "pass_at_1": paired.pass_at_1,
+            "dense_pass_at_1": paired.dense_pass_at_1,
+            "difference": paired.difference,
+            "difference_stderr": paired.difference_stderr,
+            "per_problem": [
+                {
+                    "task_id": q.task_id,
+                    "passed": q.passed,
+                    "dense_passed": d.passed,
+                    "status": q.status,
+                    "completion": q.completion,
+                }
+                for q, d in zip(outcomes, dense)
+            ],
+        }
+        path = OUT / f"{model}_{label}_limit{limit}.json"
+        path.write_text(json.dumps(summary, indent=1) + "\n")
+        print(label, summary["pass_at_1"], summary["dense_pass_at_1"], flush=True)
+
+
+def table() -> str:
+    lines = [
+        "| model | config | scheme | problems | pass@1 | dense pass@1 | paired difference |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for path in sorted(OUT.glob("*.json")):
+        r = json.loads(path.read_text())
+        lines.append(
+            f"| {r['model']} | {r['config']} | {r['scheme']} | {r['problems']} | "
+            f"{r['pass_at_1']:.2f} | {r['dense_pass_at_1']:.2f} | "
+            f"{r['difference']:+.2f} ± {r['difference_stderr']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        measure(args.model, args.configs.split(","), args.limit)
+    text = "\n".join(
+        [
+            "# HumanEval pass@1: dense, uniform and shipped configs on the same problems",
+            "",
+            "Greedy completions (384 new tokens at most), each program run in its own sandboxed "
+            "process with a 10 s timeout (kvtuner/tasks/sandbox.py); the paired difference to "
+            "dense on the same problems, ± one standard error. A subset of the 164 problems (the "
+            "first N) where CPU time forbids all of them: the column says how many.",
+            "",
+            "Regenerate: `python scripts/humaneval_table.py --limit N` (or `kvtuner eval --task "
+            "humaneval --model qwen2.5-coder-0.5b --config C --limit N --json` for one row).",
+            "",
+            table(),
+            "",
+        ]
+    )
+    Path("docs/humaneval.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
