@@ -284,3 +284,32 @@ def _better(best: Allotted | None, found: Allotted) -> Allotted:
     if abs(found.loss - best.loss) <= 1e-12 and found.bits < best.bits:
         return found
     return best
+
+
+IK_MARGIN = 0.98  # a first/last-N form is chosen only where it beats the best pair by 2%
+
+
+def engine_allocation(
+    target: str,
+    measured: Losses,
+    head_dim: int,
+    windows: Sequence[int | None],
+    context: int,
+    cap: float,
+) -> tuple[Allotted | None, EnginePlan | None]:
+    """What `kvtuner allocate --target` picks under `cap`, and the engine's all-layers setting to
+    judge it against (vLLM: the same dtype on every layer; otherwise the all-layers setting of
+    least summed single-layer KL under the cap). llama.cpp: the best K/V pair, or the ik_llama.cpp
+    first/last-N form where that is better by more than 2%."""
+    found = allocate_plan(target, measured, head_dim, windows, context, cap)
+    if target == "llama.cpp":
+        ik = first_last_plan(measured, head_dim, windows, context, cap)
+        if ik is not None and (found is None or ik.loss < found.loss * IK_MARGIN):
+            found = ik
+    if found is None:
+        return None, None
+    if target == "vllm":
+        choice = next(c for c in found.plan.layers if not c.dense)
+        return found, EnginePlan(target, found.plan.family, (choice,) * len(measured))
+    best = best_uniform(target, measured, head_dim, windows, context, cap)
+    return found, None if best is None else best.plan

@@ -49,7 +49,7 @@ def measure(model: str, samples: int) -> dict:
     from kvtuner.layer_kl import losses
     from kvtuner.memory import engine_effective_bits
     from kvtuner.models import load_model
-    from kvtuner.plan import allocate_plan, best_uniform, first_last_plan
+    from kvtuner.plan import engine_allocation
 
     torch.set_grad_enabled(False)
     loaded = load_model(model)
@@ -89,21 +89,11 @@ def measure(model: str, samples: int) -> dict:
             continue
         measured, kv_amax, _ = load_engine_calibration(folder, target, shape.num_layers)
         for cap in CAPS:
-            found = allocate_plan(target, measured, size, windows, CONTEXT, cap)
-            if target == "llama.cpp":
-                ik = first_last_plan(measured, size, windows, CONTEXT, cap)
-                if ik is not None and (found is None or ik.loss < found.loss * 0.98):
-                    found = ik
+            found, uniform = engine_allocation(target, measured, size, windows, CONTEXT, cap)
             if found is None:
                 rows.append({"target": target, "cap": cap, "plan": None})
                 continue
             plan = found.plan.with_amax(kv_amax)
-            if target == "vllm":
-                choice = next(c for c in plan.layers if not c.dense)
-                uniform = plan.__class__(target, plan.family, (choice,) * len(plan.layers))
-            else:
-                best = best_uniform(target, measured, size, windows, CONTEXT, cap)
-                uniform = best.plan
             uniform = uniform.with_amax(kv_amax)
             mine, theirs = score_plan(plan), score_plan(uniform)
             row = {

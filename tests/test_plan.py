@@ -133,3 +133,17 @@ def test_engine_names_parse_to_choices():
     assert parse_choice("modelopt", "FP8_K_NVFP4_V").key == "modelopt:fp8"
     with pytest.raises(ConfigError):
         parse_choice("llama.cpp", "q3_k/q4_0")
+
+
+def test_engine_allocation_judges_vllm_against_its_own_dtype_on_every_layer():
+    from kvtuner.plan import engine_allocation
+
+    measured = random_losses("vllm", 4, seed=5)
+    found, uniform = engine_allocation("vllm", measured, HEAD_DIM, [None] * 4, 64, 6.0)
+    dtype = next(c for c in found.plan.layers if not c.dense)
+    assert uniform.layers == (dtype,) * 4
+    found, uniform = engine_allocation(
+        "lmdeploy", random_losses("lmdeploy", 4), HEAD_DIM, [None] * 4, 64, 9.0
+    )
+    assert uniform.layers == found.plan.layers  # one setting for all layers: its own baseline
+    assert engine_allocation("lmdeploy", measured, HEAD_DIM, [None] * 4, 64, 4.0) == (None, None)

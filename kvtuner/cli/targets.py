@@ -4,6 +4,7 @@ serving engine stores (kvtuner.targets), ending in the files that engine reads (
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -146,9 +147,8 @@ def allocate_target(
     from kvtuner.calibrate import output_folder
     from kvtuner.compat import sliding_windows, text_config
     from kvtuner.engine_calibrate import load_engine_calibration
-    from kvtuner.memory import engine_effective_bits
     from kvtuner.models import load_model_config, model_name
-    from kvtuner.plan import allocate_plan, best_uniform, first_last_plan
+    from kvtuner.plan import engine_allocation
 
     name = model_name(model)
     model_config = load_model_config(model)
@@ -160,36 +160,20 @@ def allocate_target(
     out_dir = out if out is not None else Path("searched_configs") / name / target / "knapsack"
     rows: list[dict[str, Any]] = []
     for cap in caps:
-        found = allocate_plan(target, measured, size, windows, context, cap)
-        if target == "llama.cpp":
-            ik = first_last_plan(measured, size, windows, context, cap)
-            if ik is not None and (found is None or ik.loss < found.loss * 0.98):
-                found = ik  # a first/last-N form only where it beats the best pair by 2%
+        found, uniform = engine_allocation(target, measured, size, windows, context, cap)
         if found is None:
             rows.append({"cap": cap, "plan": None})
             continue
-        if target == "vllm":  # vLLM's all-layers setting of the same dtype
-            uniform_choice = next(c for c in found.plan.layers if not c.dense)
-            uniform = found.plan.__class__(
-                target, found.plan.family, (uniform_choice,) * num_layers
-            )
-        else:
-            best = best_uniform(target, measured, size, windows, context, cap)
-            uniform = best.plan if best is not None else None
-        plan = found.plan.with_amax(kv_amax)
-        plan = plan.__class__(
-            plan.target,
-            plan.family,
-            plan.layers,
+        plan = replace(
+            found.plan.with_amax(kv_amax),
             model=name,
-            kv_amax=plan.kv_amax,
             metadata={
                 "objective": "summed single-layer KL",
                 "value": found.loss,
                 "cap": cap,
                 "budget": "effective bits of engine storage",
                 "budget_context": context,
-                "effective_bits": engine_effective_bits(plan.layers, size, windows, context),
+                "effective_bits": found.bits,
                 "found_by": f"kvtuner allocate --target {target}",
             },
         )
@@ -623,12 +607,9 @@ def _export(
             rows.append({"cap": cap, "path": None})
             continue
         plan, kl, bits = best
-        plan = plan.__class__(
-            plan.target,
-            plan.family,
-            plan.layers,
+        plan = replace(
+            plan.with_amax(kv_amax),
             model=name,
-            kv_amax=tuple(tuple(a) for a in kv_amax),
             metadata={
                 "objective": "joint KL on calibration samples",
                 "value": kl,
