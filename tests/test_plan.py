@@ -146,4 +146,5 @@ def test_engine_allocation_judges_vllm_against_its_own_dtype_on_every_layer():
         "lmdeploy", random_losses("lmdeploy", 4), HEAD_DIM, [None] * 4, 64, 9.0
     )
     assert uniform.layers == found.plan.layers  # one setting for all layers: its own baseline
-    assert engine_allocation("lmdeploy", measured, HEAD_DIM, [None] * 4, 64, 4.0) == (None, None)
+    lmdeploy = random_losses("lmdeploy", 4)
+    assert engine_allocation("lmdeploy", lmdeploy, HEAD_DIM, [None] * 4, 64, 4.0) == (None, None)
