@@ -144,10 +144,14 @@ def _plan_text(plan: dict) -> str:
         return f"all {layers[0]}"
     if len(set(quantized)) == 1:
         return f"{quantized[0]}, skip {' '.join(dense)}"
-    runs = []
-    for label in dict.fromkeys(layers):
-        runs.append(f"{layers.count(label)}x {label}")
-    return ", ".join(runs)
+    return _mix(layers)
+
+
+def _mix(layers: list[str]) -> str:
+    """How many layers take each setting, most common first: "20x KV4, 8x K8V4, 2x KV2"."""
+    counts = {label: layers.count(label) for label in dict.fromkeys(layers)}
+    ordered = sorted(counts.items(), key=lambda item: -item[1])
+    return ", ".join(f"{n}x {label}" for label, n in ordered)
 
 
 def full_table(results: list[dict]) -> str:
@@ -171,7 +175,7 @@ def full_table(results: list[dict]) -> str:
             if "kvtuner" in row:
                 k = row["kvtuner"]
                 d2, e2 = row["vs_kvtuner"]
-                text += f" {k['layers'][:40]}{'...' if len(k['layers']) > 40 else ''} | {k['effective_bits']:.2f} | {k['kl']:.4f} | {d2:+.4f} ± {e2:.4f} |"
+                text += f" {_mix(k['layers'].split())} | {k['effective_bits']:.2f} | {k['kl']:.4f} | {d2:+.4f} ± {e2:.4f} |"
             else:
                 text += " - | | | |"
             lines.append(text)
