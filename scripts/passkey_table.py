@@ -27,7 +27,9 @@ CONFIGS = (
 )
 
 
-def measure(model: str, contexts: list[int], samples: int, depths: list[float]) -> dict:
+def measure(
+    model: str, contexts: list[int], samples: int, depths: list[float], labels: list[str]
+) -> dict:
     import torch
 
     from kvtuner.cache import quantized_cache
@@ -42,6 +44,8 @@ def measure(model: str, contexts: list[int], samples: int, depths: list[float]) 
     results["dense"] = dense.correct.tolist()
     print(model, "dense", dense.groupby("context").correct.mean().to_dict(), flush=True)
     for label, config, scheme in CONFIGS:
+        if label not in labels:
+            continue
         source = config.format(model=model)
 
         def make(source=source, scheme=scheme):
@@ -60,7 +64,7 @@ def measure(model: str, contexts: list[int], samples: int, depths: list[float]) 
 
 
 def table(results: list[dict]) -> str:
-    labels = ["dense", *(c[0] for c in CONFIGS)]
+    labels = ["dense", *(c[0] for c in CONFIGS if any(c[0] in r["correct"] for r in results))]
     lines = [
         "| model | context | trials | " + " | ".join(labels) + " |",
         "|---|---:|---:|" + "---:|" * len(labels),
@@ -72,6 +76,9 @@ def table(results: list[dict]) -> str:
             dense = [result["correct"]["dense"][i] for i in index]
             cells = [f"{sum(dense) / len(dense):.2f}"]
             for label in labels[1:]:
+                if label not in result["correct"]:
+                    cells.append("-")
+                    continue
                 got = [result["correct"][label][i] for i in index]
                 where = [g for g, d in zip(got, dense) if d]
                 kept = f"{sum(where)}/{len(where)}" if where else "-"
@@ -88,13 +95,14 @@ def main() -> None:
     parser.add_argument("--contexts", default="4096,8000")
     parser.add_argument("--depths", default="0,25,50,75,100")
     parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.table:
         contexts = [int(c) for c in args.contexts.split(",")]
         depths = [float(d) for d in args.depths.split(",")]
-        result = measure(args.model, contexts, args.samples, depths)
+        result = measure(args.model, contexts, args.samples, depths, args.configs.split(","))
         (OUT / f"{args.model}.json").write_text(json.dumps(result, indent=1) + "\n")
     results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
     text = "\n".join(
