@@ -22,7 +22,48 @@ from kvtuner.precision import Layout, PrecisionPair
 from kvtuner.quant.store import SeparateKV, StackedKV, cat_tokens, make_kv_stores
 
 
-class QuantizedKVLayer(DynamicLayer):
+class WindowedLayer(DynamicLayer):
+    """What every kvtuner cache layer shares: `cumulative_length` tokens seen, an optional
+    `sliding_window` (`window - 1` past tokens kept, as transformers' dynamic sliding layer), the
+    mask sizes that follow from them, and no cropping."""
+
+    is_croppable = False
+    cumulative_length: int
+    sliding_window: int | None
+    is_sliding: bool
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
+        q = query_length if isinstance(query_length, int) else query_length.shape[0]
+        if not self.is_sliding:
+            return self.cumulative_length + q, 0
+        window = self.sliding_window
+        offset = max(self.cumulative_length - window + 1, 0)
+        if self.cumulative_length >= window:
+            return window - 1 + q, offset
+        return self.cumulative_length + q, offset
+
+    def get_max_length(self) -> int:
+        return self.sliding_window if self.is_sliding else -1
+
+    get_max_cache_shape = get_max_length  # the name before transformers 5.24
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotImplementedError(
+                f"a {type(self).__name__} cannot be cropped (is_croppable is False)"
+            )
+
+    def visible_tokens(self) -> int:
+        """Tokens a dense layer would hold now: all seen, or `window - 1` on a sliding layer."""
+        if not self.is_sliding:
+            return self.cumulative_length
+        return min(self.cumulative_length, self.sliding_window - 1)
+
+
+class QuantizedKVLayer(WindowedLayer):
     """One attention layer's KV history at (key_bits, value_bits), held as `layout` says.
 
     States are `[batch, kv_heads, seq, head_dim]`. The layer holds three parts, oldest first:
@@ -139,24 +180,6 @@ class QuantizedKVLayer(DynamicLayer):
         self.pending = None
         self._trim()
 
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
-        q = query_length if isinstance(query_length, int) else query_length.shape[0]
-        if not self.is_sliding:
-            return self.cumulative_length + q, 0
-        window = self.sliding_window
-        offset = max(self.cumulative_length - window + 1, 0)
-        if self.cumulative_length >= window:
-            return window - 1 + q, offset
-        return self.cumulative_length + q, offset
-
-    def get_max_length(self) -> int:
-        return self.sliding_window if self.is_sliding else -1
-
-    get_max_cache_shape = get_max_length  # the name before transformers 5.24
-
     def reset(self) -> None:
         self.__init__(  # type: ignore[misc]
             self.pair,
@@ -164,12 +187,6 @@ class QuantizedKVLayer(DynamicLayer):
             sliding_window=self.sliding_window,
             quantize_prefill=self.quantize_prefill,
         )
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            raise NotImplementedError(
-                "a quantized KV layer cannot be cropped (is_croppable is False)"
-            )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -218,9 +235,7 @@ class QuantizedKVLayer(DynamicLayer):
         """Bytes a dense DynamicCache layer of the same dtype would hold now."""
         if not self.is_initialized:
             return 0
-        tokens = self.cumulative_length
-        if self.is_sliding:
-            tokens = min(tokens, self.sliding_window - 1)
+        tokens = self.visible_tokens()
         return 2 * self._rows * self._heads * tokens * self._head_dim * self._element_size
 
     def _flush(self) -> None:

@@ -18,8 +18,9 @@ import dataclasses
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
+from kvtuner.cache import WindowedLayer
 from kvtuner.compat import head_dim as model_head_dim
 from kvtuner.compat import sliding_windows, text_config
 from kvtuner.errors import ConfigError
@@ -96,10 +97,9 @@ class EncodedTokens:
         return 0 if self.enc is None else self.enc.nbytes()
 
 
-class EngineKVLayer(DynamicLayer):
+class EngineKVLayer(WindowedLayer):
     """One layer's history in an engine's formats; a sliding layer keeps `window - 1` tokens."""
 
-    is_croppable = False
     quantize_prefill = False  # the prompt attends to its exact states (kvtuner.evaluate.replay)
 
     def __init__(
@@ -148,31 +148,8 @@ class EngineKVLayer(DynamicLayer):
             self._values.keep_last(self.sliding_window - 1)
         return keys, values
 
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
-        q = query_length if isinstance(query_length, int) else query_length.shape[0]
-        if not self.is_sliding:
-            return self.cumulative_length + q, 0
-        offset = max(self.cumulative_length - self.sliding_window + 1, 0)
-        if self.cumulative_length >= self.sliding_window:
-            return self.sliding_window - 1 + q, offset
-        return self.cumulative_length + q, offset
-
-    def get_max_length(self) -> int:
-        return self.sliding_window if self.is_sliding else -1
-
-    get_max_cache_shape = get_max_length  # the name before transformers 5.24
-
     def reset(self) -> None:
         self.__init__(self.choice, self.amax, sliding_window=self.sliding_window)  # type: ignore[misc]
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            raise NotImplementedError(
-                "an engine KV layer cannot be cropped (is_croppable is False)"
-            )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("EngineKVCache does not support beam search")
@@ -185,10 +162,7 @@ class EngineKVLayer(DynamicLayer):
         """Bytes a dense DynamicCache layer of the same dtype would hold now."""
         if not self.is_initialized:
             return 0
-        tokens = self.cumulative_length
-        if self.is_sliding:
-            tokens = min(tokens, self.sliding_window - 1)
-        return 2 * self._dense_row * tokens * self._element_size
+        return 2 * self._dense_row * self.visible_tokens() * self._element_size
 
 
 class EngineKVCache(Cache):
