@@ -54,28 +54,13 @@ def measure(model: str, labels: list[str], limit: int) -> None:
             label=label,
             progress=True,
         )
-        paired = humaneval.compare(outcomes, dense)
         summary = {
             "task": "humaneval",
             "model": loaded.name,
             "config": label,
             "scheme": cfg.scheme,
             "equivalent_bits": cfg.equivalent_bits,
-            "problems": paired.problems,
-            "pass_at_1": paired.pass_at_1,
-            "dense_pass_at_1": paired.dense_pass_at_1,
-            "difference": paired.difference,
-            "difference_stderr": paired.difference_stderr,
-            "per_problem": [
-                {
-                    "task_id": q.task_id,
-                    "passed": q.passed,
-                    "dense_passed": d.passed,
-                    "status": q.status,
-                    "completion": q.completion,
-                }
-                for q, d in zip(outcomes, dense)
-            ],
+            **humaneval.paired_summary(outcomes, dense),
         }
         path = OUT / f"{model}_{label}_limit{limit}.json"
         path.write_text(json.dumps(summary, indent=1) + "\n")

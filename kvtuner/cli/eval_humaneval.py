@@ -54,33 +54,18 @@ def run(
         label=f"humaneval ({config})",
         **settings,
     )
-    paired = humaneval.compare(quantized, dense)
+    paired = humaneval.paired_summary(quantized, dense)
     summary: dict[str, Any] = {
         "task": "humaneval",
         "model": loaded.name,
         "config": str(config),
         "scheme": cfg.scheme,
         "equivalent_bits": cfg.equivalent_bits,
-        "problems": paired.problems,
-        "pass_at_1": paired.pass_at_1,
-        "dense_pass_at_1": paired.dense_pass_at_1,
-        "difference": paired.difference,
-        "difference_stderr": paired.difference_stderr,
+        **{k: v for k, v in paired.items() if k != "per_problem"},
         "max_new_tokens": settings["max_new_tokens"],
         "timeout": timeout,
         "quantize_prefill": quantize_prefill,
-        "per_problem": [
-            {
-                "task_id": q.task_id,
-                "passed": q.passed,
-                "dense_passed": d.passed,
-                "status": q.status,
-                "dense_status": d.status,
-                "completion": q.completion,
-                "dense_completion": d.completion,
-            }
-            for q, d in zip(quantized, dense)
-        ],
+        "per_problem": paired["per_problem"],
     }
     if json:
         emit_json(summary)

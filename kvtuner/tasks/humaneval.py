@@ -130,3 +130,28 @@ def compare(outcomes: Sequence[Outcome], dense: Sequence[Outcome]) -> PairedPass
         difference_stderr=stderr(diffs),
         problems=n,
     )
+
+
+def paired_summary(outcomes: Sequence[Outcome], dense: Sequence[Outcome]) -> dict[str, Any]:
+    """The paired pass@1 numbers and, per problem, both caches' status and completion (the body
+    of `kvtuner eval --task humaneval --json`)."""
+    paired = compare(outcomes, dense)
+    return {
+        "problems": paired.problems,
+        "pass_at_1": paired.pass_at_1,
+        "dense_pass_at_1": paired.dense_pass_at_1,
+        "difference": paired.difference,
+        "difference_stderr": paired.difference_stderr,
+        "per_problem": [
+            {
+                "task_id": q.task_id,
+                "passed": q.passed,
+                "dense_passed": d.passed,
+                "status": q.status,
+                "dense_status": d.status,
+                "completion": q.completion,
+                "dense_completion": d.completion,
+            }
+            for q, d in zip(outcomes, dense)
+        ],
+    }
