@@ -390,14 +390,16 @@ def eval_engine(
     )
 
 
-def _calibration_amax(loaded: Any, seed: int) -> list[tuple[float, float]]:
+def _calibration_amax(
+    loaded: Any, seed: int, text: Path | None = None
+) -> list[tuple[float, float]]:
     from kvtuner.compat import sliding_windows
     from kvtuner.data import calibration_text, calibration_windows
     from kvtuner.engine_calibrate import measure_amax
 
     context = defaults.eval_context(sliding_windows(loaded.model.config))
     windows = calibration_windows(
-        loaded.tokenizer, calibration_text(None), context, skip=0,
+        loaded.tokenizer, calibration_text(text), context, skip=0,
         count=defaults.LAYER_KL_SAMPLES, seed=seed,
     )  # fmt: skip
     return measure_amax(loaded.model, windows[:, :context])
@@ -485,7 +487,7 @@ def search_target(
     from kvtuner.calibrate import output_folder
     from kvtuner.data import calibration_text, calibration_windows
     from kvtuner.engine_cache import EngineKVCache
-    from kvtuner.engine_calibrate import load_engine_calibration, measure_amax
+    from kvtuner.engine_calibrate import load_engine_calibration
     from kvtuner.evaluate import EvalProtocol, Evaluator
     from kvtuner.models import load_model
     from kvtuner.plan import allocate_plan
@@ -509,11 +511,17 @@ def search_target(
     info(f"loading {model} ...", json)
     loaded = load_model(model, device=device, dtype=dtype)
     eval_context = defaults.eval_context(space.windows)
+    # the windows after the calibration's (0..LAYER_KL_SAMPLES-1), as kvtuner's own search does
     windows = calibration_windows(
-        loaded.tokenizer, calibration_text(text), eval_context, skip=0, count=samples, seed=seed
+        loaded.tokenizer,
+        calibration_text(text),
+        eval_context,
+        skip=defaults.LAYER_KL_SAMPLES,
+        count=samples,
+        seed=seed,
     )[:, : eval_context + continuation]
     if kv_amax is None:
-        kv_amax = measure_amax(loaded.model, windows[:, :eval_context])
+        kv_amax = _calibration_amax(loaded, seed, text)
     evaluator = Evaluator(loaded.model, windows, EvalProtocol(eval_context, continuation))
 
     def score(plan: Any) -> float:

@@ -30,7 +30,7 @@ def root(tmp_path_factory):
     save_folder(root / "tiny64", 64)
     save_folder(root / "tiny16", 16)
     rng = random.Random(0)
-    (root / "words.txt").write_text(" ".join(f"w{rng.randrange(124)}" for _ in range(4000)))
+    (root / "words.txt").write_text(" ".join(f"w{rng.randrange(124)}" for _ in range(8000)))
     return root
 
 
