@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
+from kvtuner.evaluate import stderr
+
 CAPS = (3.5, 4.0, 4.5, 5.0, 6.0)
-
-
-def stderr(values: list[float]) -> float:
-    n = len(values)
-    mean = sum(values) / n
-    return math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1) / n) if n > 1 else 0.0
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 from pathlib import Path
 
@@ -31,10 +30,11 @@ COMMAND = "python scripts/engine_results.py"
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-sample differences a - b."""
+    from kvtuner.evaluate import stderr
+
     d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / len(d)
-    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else 0.0
-    return mean, math.sqrt(var / len(d))
+    return sum(d) / len(d), stderr(d)
 
 
 def measure(model: str, samples: int) -> dict:

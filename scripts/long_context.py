@@ -16,22 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
+
+from kvtuner.evaluate import stderr
 
 OUT = Path("docs/long-context")
 UNIFORM = ("KV8", "KV4", "K4V2")
 SHIPPED = ("kvtuner_c4.0.yaml", "kvtuner_c5.0.yaml")
 SCHEMES = ("per-token", "kivi")
-
-
-def stderr(values: list[float]) -> float:
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = sum(values) / n
-    return math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1) / n)
 
 
 def measure(model: str, context: int, samples: int, continuation: int) -> dict:
