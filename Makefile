@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 install: $(VENV)/.installed
+	# kvtuner's CPU decode kernel, built once per machine (else the first long decode builds it)
+	@$(PY) -m kvtuner.attention.native || echo "kvtuner: CPU decode kernel not built; decoding uses torch.compile"
 
 run: install
 	$(PY) scripts/run_main.py --model $(MODEL)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kvtuner import compiling
-from kvtuner.attention import kernels
+from kvtuner.attention import kernels, native
 from kvtuner.quant.store import PackedView, RawView, StoreView
 
 
@@ -132,6 +132,10 @@ def decode_attention(
     keys, values = layer.stores.views()
     stored = layer.stores.seq_len
     counts = (sink.shape[-2], stored, res.shape[-2])
+    if _native_layer(q, sink, res, keys, values, stored, softcap):
+        bias = _bias(attention_mask, sum(counts) - visible, visible, q)
+        out = native.decode_layer(q, sink, res, *_store_args(keys, values, bias))
+        return out.reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype)
     # compiled once the layer has seen COMPILE_FROM tokens: a sliding layer holds only its window
     # but keeps decoding for as long as the full layers do
     if _whole_layer(keys, values, stored, layer.cumulative_length, softcap):
@@ -165,6 +169,39 @@ def decode_attention(
         out = mixed if out is None else out + mixed
         first += count
     return out.reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype)
+
+
+def _native_layer(q, sink, res, keys, values, stored: int, softcap: float | None) -> bool:
+    """Whether kvtuner's CPU kernel (`native`) runs the layer: packed keys and values on the
+    CPU, smoothed from their first token or not at all, one dtype for sinks, residual, scales."""
+    if softcap or stored == 0 or q.device.type != "cpu":
+        return False
+    if not isinstance(keys, PackedView) or not isinstance(values, PackedView):
+        return False
+    if any(v.channel_scale is not None and v.smooth_from for v in (keys, values)):
+        return False
+    dtypes = {t.dtype for t in (sink, res, keys.scale, keys.zero, values.scale, values.zero)}
+    return len(dtypes) == 1 and native.enabled() and native.available()
+
+
+def _store_args(keys: PackedView, values: PackedView, bias: torch.Tensor | None) -> tuple:
+    """The stores' arguments of `kernels.decode_layer` (and the native kernel), after q, sink, res."""
+    return (
+        keys.packed,
+        keys.scale,
+        keys.zero,
+        keys.channel_scale,
+        values.packed,
+        values.scale,
+        values.zero,
+        values.channel_scale,
+        bias,
+        keys.bits,
+        keys.group,
+        values.bits,
+        values.group,
+        keys.per_channel,
+    )
 
 
 def _whole_layer(
@@ -203,25 +240,7 @@ def _bias(
 
 
 def _decode_layer(q, sink, res, keys, values, bias) -> torch.Tensor:
-    args = (
-        q,
-        sink,
-        res,
-        keys.packed,
-        keys.scale,
-        keys.zero,
-        keys.channel_scale,
-        values.packed,
-        values.scale,
-        values.zero,
-        values.channel_scale,
-        bias,
-        keys.bits,
-        keys.group,
-        values.bits,
-        values.group,
-        keys.per_channel,
-    )
+    args = (q, sink, res, *_store_args(keys, values, bias))
     # the token axis of the stores is unbacked: no guard on its size or on whether the view
     # fills its buffer, so neither a growing context nor a grown buffer recompiles
     for t in (keys.packed, keys.scale, keys.zero, values.packed, values.scale, values.zero):

@@ -11,6 +11,15 @@ from kvtuner.cache import QuantizedKVLayer
 from kvtuner.precision import Layout, PrecisionPair
 
 BITS = (2, 4, 8, 16)
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def decode_path(request, monkeypatch):
+    """Every test runs on kvtuner's CPU kernel and on the pure-torch kernels."""
+    monkeypatch.setenv("KVTUNER_NATIVE", "1" if request.param == "native" else "0")
+    return request.param
+
+
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16  # GQA: two query heads per KV head
 
 

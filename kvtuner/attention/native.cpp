@@ -1,0 +1,680 @@
+// One decode step of one layer's attention over a kvtuner layer as it is held, on the CPU:
+// full-precision sinks, packed stores (per-token groups, or KIVI per-channel key blocks) and a
+// full-precision residual. Built and loaded by kvtuner/attention/native.py; the pure-torch
+// kvtuner.attention.kernels.decode_layer computes the same thing and is the reference.
+//
+// Work is cut into items of at most CHUNK tokens of one (batch row, KV head) and one part (sinks,
+// stored, residual), run in parallel on torch's intra-op threads. Each item dequantizes its rows
+// into a small float buffer (codes * scale + zero, as the dequantizing path does), scores them
+// against the query heads of its KV head, and keeps an online-softmax partial (max, sum of
+// exponentials, weighted value sum); partials are merged at the end (flash-decoding). The
+// workspace is O(CHUNK) per thread plus one partial per item: never O(context) floats per head.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 128;  // tokens per work item
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0 (a score minus its row's maximum), vectorizable; x < -87 (and -inf) gives 0.
+// Cephes' expf: 2^n * p(r) with |r| <= ln(2)/2; relative error about 2e-7.
+inline float exp_nonpositive(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof(pow2));
+  return x < -87.0f ? 0.0f : y * pow2;
+}
+
+// 16 floats (one AVX-512 register, two AVX2 ones): the fast path's unit along head_dim.
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline float hsum(v16 v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp_nonpositive on 16 lanes (round to nearest by the 1.5 * 2^23 trick: |x log2 e| < 2^22)
+inline v16 exp16(v16 x) {
+  const v16 xc = x < -87.0f ? v16{} - 87.0f : x;
+  const v16 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const v16 r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 p = v16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const v16 y = p * r * r + r + 1.0f;
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  v16 pow2;
+  std::memcpy(&pow2, &bits, sizeof(pow2));
+  return x < -87.0f ? v16{} : y * pow2;
+}
+
+// 16 bytes -> 16 int32 (zero-extended): one instruction where the CPU has it
+inline vi16 widen(const uint8_t* p) {
+  vi16 x;
+#if defined(__AVX512F__)
+  const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&x, &w, sizeof(x));
+#elif defined(__AVX2__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i lo = _mm256_cvtepu8_epi32(bytes);
+  const __m256i hi = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+  std::memcpy(&x, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&x) + 32, &hi, 32);
+#else
+  for (int l = 0; l < 16; ++l) x[l] = p[l];
+#endif
+  return x;
+}
+
+// packed row of D codes (planes along head_dim, see kvtuner/quant/packing.py) -> D / 16 vectors
+template <int D>
+inline void unpack_row(const uint8_t* row, int bits, v16* code) {
+  auto planes = [&](auto bits_c) {
+    constexpr int B = decltype(bits_c)::value;
+    constexpr int per = 8 / B, w = D / per, mask = (1 << B) - 1;
+    for (int k = 0; k < w / 16; ++k) {
+      const vi16 x = widen(row + 16 * k);
+      for (int p = 0; p < per; ++p)
+        code[(p * w) / 16 + k] = __builtin_convertvector((x >> (p * B)) & mask, v16);
+    }
+  };
+  if (bits == 4)
+    planes(std::integral_constant<int, 4>());
+  else if (bits == 2)
+    planes(std::integral_constant<int, 2>());
+  else
+    planes(std::integral_constant<int, 8>());
+}
+
+// Rows of one part of one (batch row, KV head): either full-precision rows or packed codes.
+template <typename T>
+struct Rows {
+  // dense
+  const T* dense = nullptr;
+  int64_t dense_stride = 0;  // elements between tokens
+  // packed
+  const uint8_t* packed = nullptr;
+  int64_t packed_stride = 0;  // bytes between tokens
+  const T* scale = nullptr;
+  const T* zero = nullptr;
+  int64_t scale_stride = 0;  // elements between scale rows (tokens, or blocks per channel)
+  int bits = 0;
+  int group = 0;  // channels per per-token group, or tokens per per-channel block
+  bool per_channel = false;
+  int64_t width = 0;  // bytes per packed row
+  const float* channel_scale = nullptr;  // [d] multiplies every row, or null
+
+  // rows [t0, t0 + count) -> out[count][d] float32; D: head_dim when known at compile time (else 0)
+  template <int D>
+  void read(int64_t t0, int64_t count, int64_t d_runtime, float* out) const {
+    const int64_t d = D ? D : d_runtime;
+    if (dense != nullptr) {
+      for (int64_t t = 0; t < count; ++t) {
+        const T* row = dense + (t0 + t) * dense_stride;
+        float* o = out + t * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(row[c]);
+      }
+      return;
+    }
+    switch (bits) {
+      case 2: return read_packed<D, 2>(t0, count, d, out);
+      case 4: return read_packed<D, 4>(t0, count, d, out);
+      default: return read_packed<D, 8>(t0, count, d, out);
+    }
+  }
+
+  template <int D, int BITS>
+  void read_packed(int64_t t0, int64_t count, int64_t d_runtime, float* out) const {
+    constexpr int per = 8 / BITS;
+    constexpr int mask = (1 << BITS) - 1;
+    const int64_t d = D ? D : d_runtime;
+    const int64_t w = D && (D % per == 0) ? D / per : width;
+    for (int64_t t = 0; t < count; ++t) {
+      const int64_t token = t0 + t;
+      const uint8_t* row = packed + token * packed_stride;
+      float* o = out + t * d;
+      if (w * per == d) {  // whole planes
+        for (int p = 0; p < per; ++p) {
+          float* op = o + p * w;
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j)
+            op[j] = static_cast<float>((row[j] >> (p * BITS)) & mask);
+        }
+      } else {
+        for (int p = 0; p < per; ++p) {
+          const int64_t lo = p * w;
+          const int64_t hi = std::min<int64_t>(lo + w, d);
+          for (int64_t j = 0; j < hi - lo; ++j)
+            o[lo + j] = static_cast<float>((row[j] >> (p * BITS)) & mask);
+        }
+      }
+      if (per_channel) {
+        const T* s = scale + (token / group) * scale_stride;
+        const T* z = zero + (token / group) * scale_stride;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c)
+          o[c] = o[c] * static_cast<float>(s[c]) + static_cast<float>(z[c]);
+      } else if (group == d) {
+        const float sg = static_cast<float>(scale[token * scale_stride]);
+        const float zg = static_cast<float>(zero[token * scale_stride]);
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[c] = o[c] * sg + zg;
+      } else {
+        const T* s = scale + token * scale_stride;
+        const T* z = zero + token * scale_stride;
+        for (int64_t g0 = 0, gi = 0; g0 < d; g0 += group, ++gi) {
+          const float sg = static_cast<float>(s[gi]);
+          const float zg = static_cast<float>(z[gi]);
+          float* og = o + g0;
+#pragma omp simd
+          for (int64_t c = 0; c < group; ++c) og[c] = og[c] * sg + zg;
+        }
+      }
+      if (channel_scale != nullptr) {
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[c] *= channel_scale[c];
+      }
+    }
+  }
+};
+
+struct Item {
+  int64_t bh;     // batch row * kv_heads + head
+  int part;       // 0 sinks, 1 stored, 2 residual
+  int64_t first;  // first token within the part
+  int64_t count;
+  int64_t offset;  // index of the first token among all the layer's held tokens (for the bias)
+};
+
+template <typename T>
+struct Layer {
+  int64_t b, h, g, d;
+  const float* q;        // [b, h, g, d] (scaled)
+  const float* q_keys;   // the same, times the key channel scale (stored keys), or q
+  const float* bias;     // [rows, total] or null
+  int64_t bias_rows, total;
+  std::vector<Rows<T>> keys, values;  // [bh * 3 + part]
+
+  // one item -> partial[g][d + 2]: value sum, then max and sum of exponentials, per query head
+  template <int D>
+  void run(const Item& item, float* kbuf, float* scores, float* partial) const {
+    const int64_t d = D ? D : this->d;
+    const Rows<T>& k = keys[item.bh * 3 + item.part];
+    const Rows<T>& v = values[item.bh * 3 + item.part];
+    const int64_t n = item.count;
+    const float* qh = (item.part == 1 ? q_keys : q) + item.bh * g * d;
+    k.template read<D>(item.first, n, d, kbuf);
+    for (int64_t i = 0; i < g; ++i) {
+      const float* qi = qh + i * d;
+      float* si = scores + i * n;
+      for (int64_t t = 0; t < n; ++t) {
+        const float* kt = kbuf + t * d;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < d; ++c) acc += qi[c] * kt[c];
+        si[t] = acc;
+      }
+    }
+    softmax(item, scores, partial);
+    v.template read<D>(item.first, n, d, kbuf);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* vt = kbuf + t * d;
+      for (int64_t i = 0; i < g; ++i) {
+        const float w = scores[i * n + t];
+        float* out = partial + i * (d + 2);
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) out[c] += w * vt[c];
+      }
+    }
+  }
+
+  // whether run_stored takes the stored part (else run does, dequantizing into a buffer)
+  bool fast() const {
+    if ((d != 64 && d != 128 && d != 256) || g > 8) return false;
+    const Rows<T>& k = keys[1];
+    const Rows<T>& v = values[1];
+    return (k.per_channel || k.group % 16 == 0) && v.group % 16 == 0 && !v.per_channel;
+  }
+
+  void softmax(const Item& item, float* scores, float* partial) const;
+  template <int D, int G>
+  void run_stored(const Item& item, float* scores, float* partial) const;
+  template <int D>
+  void run_stored_g(const Item& item, float* scores, float* partial) const;
+};
+
+template <typename T>
+void Layer<T>::softmax(const Item& item, float* scores, float* partial) const {
+  const int64_t n = item.count;
+  const float* brow = nullptr;
+  if (bias != nullptr) {
+    const int64_t batch = item.bh / h;
+    brow = bias + (bias_rows > 1 ? batch : 0) * total + item.offset + item.first;
+  }
+  for (int64_t i = 0; i < g; ++i) {
+    float* si = scores + i * n;
+    if (brow != nullptr) {
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) si[t] += brow[t];
+    }
+    float m = NEG_INF;
+#pragma omp simd reduction(max : m)
+    for (int64_t t = 0; t < n; ++t) m = si[t] > m ? si[t] : m;
+    float sum = 0.0f;
+    if (m != NEG_INF) {
+      int64_t t = 0;
+      v16 sums = v16{};
+      for (; t + 16 <= n; t += 16) {
+        const v16 e = exp16(load16(si + t) - m);
+        store16(si + t, e);
+        sums += e;
+      }
+      for (; t < n; ++t) {
+        si[t] = exp_nonpositive(si[t] - m);
+        sum += si[t];
+      }
+      sum += hsum(sums);
+    } else {
+      std::fill(si, si + n, 0.0f);
+    }
+    float* out = partial + i * (d + 2);
+    std::fill(out, out + d, 0.0f);
+    out[d] = m;
+    out[d + 1] = sum;
+  }
+}
+
+// The stored part with head_dim D (a multiple of 16) and G query heads per KV head known at
+// compile time, groups of whole 16-channel vectors: codes are unpacked into registers and never
+// dequantized into memory. Keys: q.k = sum over groups of s (q . c) + z sum(q) (per-token groups),
+// or (q * s_block) . c + q . z_block (KIVI blocks); values: sum_t (p_t s_t) c_t + sum_t p_t z_t.
+template <typename T>
+template <int D, int G>
+void Layer<T>::run_stored(const Item& item, float* scores, float* partial) const {
+  constexpr int V = D / 16;
+  const Rows<T>& k = keys[item.bh * 3 + 1];
+  const Rows<T>& v = values[item.bh * 3 + 1];
+  const int64_t n = item.count;
+  const float* qh = q_keys + item.bh * G * D;
+  v16 code[V];
+  if (k.per_channel) {
+    alignas(64) float qs[G * D];
+    float shift[G];
+    int64_t block = -1;
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t token = item.first + t;
+      if (token / k.group != block) {  // fold the block's channel scales into the query
+        block = token / k.group;
+        const T* sb = k.scale + block * k.scale_stride;
+        const T* zb = k.zero + block * k.scale_stride;
+        for (int i = 0; i < G; ++i) {
+          float acc = 0.0f;
+          for (int c = 0; c < D; ++c) {
+            qs[i * D + c] = qh[i * D + c] * static_cast<float>(sb[c]);
+            acc += qh[i * D + c] * static_cast<float>(zb[c]);
+          }
+          shift[i] = acc;
+        }
+      }
+      unpack_row<D>(k.packed + token * k.packed_stride, k.bits, code);
+      for (int i = 0; i < G; ++i) {
+        v16 acc = load16(qs + i * D) * code[0];
+        for (int u = 1; u < V; ++u) acc += load16(qs + i * D + 16 * u) * code[u];
+        scores[i * n + t] = hsum(acc) + shift[i];
+      }
+    }
+  } else {
+    const int per_group = k.group / 16, groups = D / k.group;
+    int kgroup_of[V];
+    for (int u = 0; u < V; ++u) kgroup_of[u] = u / per_group;
+    float qsum[G][V];  // per query head and group: sum of the query's channels
+    for (int i = 0; i < G; ++i)
+      for (int gi = 0; gi < groups; ++gi) {
+        float acc = 0.0f;
+        for (int c = gi * k.group; c < (gi + 1) * k.group; ++c) acc += qh[i * D + c];
+        qsum[i][gi] = acc;
+      }
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t token = item.first + t;
+      unpack_row<D>(k.packed + token * k.packed_stride, k.bits, code);
+      const T* s = k.scale + token * k.scale_stride;
+      const T* z = k.zero + token * k.scale_stride;
+      for (int u = 0; u < V; ++u) code[u] *= static_cast<float>(s[kgroup_of[u]]);
+      for (int i = 0; i < G; ++i) {
+        v16 acc = load16(qh + i * D) * code[0];
+        for (int u = 1; u < V; ++u) acc += load16(qh + i * D + 16 * u) * code[u];
+        float shift = 0.0f;
+        for (int gi = 0; gi < groups; ++gi) shift += static_cast<float>(z[gi]) * qsum[i][gi];
+        scores[i * n + t] = hsum(acc) + shift;
+      }
+    }
+  }
+  softmax(item, scores, partial);
+  int group_of[V];
+  for (int u = 0; u < V; ++u) group_of[u] = u / (v.group / 16);
+  v16 acc[G][V];
+  float zacc[G][V];  // per query head and vector of channels: sum_t p_t z_t of its group
+  for (int i = 0; i < G; ++i)
+    for (int u = 0; u < V; ++u) {
+      acc[i][u] = v16{};
+      zacc[i][u] = 0.0f;
+    }
+  float sf[V], zf[V];
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t token = item.first + t;
+    unpack_row<D>(v.packed + token * v.packed_stride, v.bits, code);
+    const T* s = v.scale + token * v.scale_stride;
+    const T* z = v.zero + token * v.scale_stride;
+    for (int u = 0; u < V; ++u) {
+      sf[u] = static_cast<float>(s[group_of[u]]);
+      zf[u] = static_cast<float>(z[group_of[u]]);
+    }
+    for (int i = 0; i < G; ++i) {
+      const float p = scores[i * n + t];
+      for (int u = 0; u < V; ++u) {
+        acc[i][u] += (p * sf[u]) * code[u];
+        zacc[i][u] += p * zf[u];
+      }
+    }
+  }
+  for (int i = 0; i < G; ++i) {
+    float* out = partial + i * (D + 2);
+    for (int u = 0; u < V; ++u) {
+      v16 o = acc[i][u] + zacc[i][u];
+      if (v.channel_scale != nullptr) o *= load16(v.channel_scale + 16 * u);
+      store16(out + 16 * u, o);
+    }
+  }
+}
+
+template <typename T>
+template <int D>
+void Layer<T>::run_stored_g(const Item& item, float* scores, float* partial) const {
+  switch (g) {
+    case 1: return run_stored<D, 1>(item, scores, partial);
+    case 2: return run_stored<D, 2>(item, scores, partial);
+    case 3: return run_stored<D, 3>(item, scores, partial);
+    case 4: return run_stored<D, 4>(item, scores, partial);
+    case 5: return run_stored<D, 5>(item, scores, partial);
+    case 6: return run_stored<D, 6>(item, scores, partial);
+    case 7: return run_stored<D, 7>(item, scores, partial);
+    default: return run_stored<D, 8>(item, scores, partial);
+  }
+}
+
+template <typename T>
+Rows<T> dense_rows(const at::Tensor& x, int64_t batch, int64_t head) {
+  // x [b, h, n, d]
+  Rows<T> rows;
+  rows.dense = x.data_ptr<T>() + batch * x.stride(0) + head * x.stride(1);
+  rows.dense_stride = x.stride(2);
+  return rows;
+}
+
+template <typename T>
+Rows<T> packed_rows(
+    const at::Tensor& packed,
+    const at::Tensor& scale,
+    const at::Tensor& zero,
+    int64_t bits,
+    int64_t group,
+    bool per_channel,
+    const float* channel_scale,
+    int64_t batch,
+    int64_t head) {
+  Rows<T> rows;
+  rows.packed = packed.data_ptr<uint8_t>() + batch * packed.stride(0) + head * packed.stride(1);
+  rows.packed_stride = packed.stride(2);
+  rows.width = packed.size(3);
+  rows.scale = scale.data_ptr<T>() + batch * scale.stride(0) + head * scale.stride(1);
+  rows.zero = zero.data_ptr<T>() + batch * zero.stride(0) + head * zero.stride(1);
+  TORCH_CHECK(scale.stride(2) == zero.stride(2), "kvtuner: scale and zero strides differ");
+  rows.scale_stride = scale.stride(2);
+  rows.bits = static_cast<int>(bits);
+  rows.group = static_cast<int>(group);
+  rows.per_channel = per_channel;
+  rows.channel_scale = channel_scale;
+  return rows;
+}
+
+// channel scale [b, h, 1, d] (any float dtype) -> float32 [b * h * d], or empty
+std::vector<float> channel_scales(const std::optional<at::Tensor>& cs, int64_t b, int64_t h, int64_t d) {
+  std::vector<float> out;
+  if (!cs.has_value()) return out;
+  at::Tensor f = cs->to(at::kFloat).expand({b, h, 1, d}).contiguous();
+  out.assign(f.data_ptr<float>(), f.data_ptr<float>() + b * h * d);
+  return out;
+}
+
+template <typename T>
+void decode(
+    const at::Tensor& q,
+    const at::Tensor& sink,
+    const at::Tensor& res,
+    const at::Tensor& kpacked,
+    const at::Tensor& kscale,
+    const at::Tensor& kzero,
+    const std::vector<float>& kcs,
+    const at::Tensor& vpacked,
+    const at::Tensor& vscale,
+    const at::Tensor& vzero,
+    const std::vector<float>& vcs,
+    const std::optional<at::Tensor>& bias,
+    int64_t kbits,
+    int64_t kgroup,
+    int64_t vbits,
+    int64_t vgroup,
+    bool per_channel_keys,
+    at::Tensor& out) {
+  const int64_t b = q.size(0), h = q.size(1), g = q.size(2), d = q.size(3);
+  const int64_t ns = sink.size(3), n = kpacked.size(2), nr = res.size(3);
+  Layer<T> layer;
+  layer.b = b;
+  layer.h = h;
+  layer.g = g;
+  layer.d = d;
+  layer.q = q.data_ptr<float>();
+  layer.total = ns + n + nr;
+  at::Tensor q_keys = q;
+  if (!kcs.empty()) {
+    q_keys = at::empty(q.sizes(), q.options());
+    float* dst = q_keys.data_ptr<float>();
+    for (int64_t bh = 0; bh < b * h; ++bh)
+      for (int64_t i = 0; i < g; ++i)
+        for (int64_t c = 0; c < d; ++c)
+          dst[(bh * g + i) * d + c] = layer.q[(bh * g + i) * d + c] * kcs[bh * d + c];
+  }
+  layer.q_keys = q_keys.data_ptr<float>();
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    bias_f = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_f.size(-1) == layer.total, "kvtuner: the bias covers ", bias_f.size(-1),
+                " tokens, the layer holds ", layer.total);
+    layer.bias = bias_f.data_ptr<float>();
+    layer.bias_rows = bias_f.size(0);
+  } else {
+    layer.bias = nullptr;
+    layer.bias_rows = 0;
+  }
+  at::Tensor sk = sink.select(0, 0), sv = sink.select(0, 1);
+  at::Tensor rk = res.select(0, 0), rv = res.select(0, 1);
+  std::vector<Item> items;
+  std::vector<int64_t> first_item(b * h + 1, 0);
+  for (int64_t batch = 0; batch < b; ++batch) {
+    for (int64_t head = 0; head < h; ++head) {
+      const int64_t bh = batch * h + head;
+      const float* vc = vcs.empty() ? nullptr : vcs.data() + bh * d;  // (keys': in q_keys)
+      layer.keys.push_back(ns ? dense_rows<T>(sk, batch, head) : Rows<T>());
+      layer.values.push_back(ns ? dense_rows<T>(sv, batch, head) : Rows<T>());
+      layer.keys.push_back(
+          n ? packed_rows<T>(kpacked, kscale, kzero, kbits, kgroup, per_channel_keys, nullptr,
+                             batch, head)
+            : Rows<T>());
+      layer.values.push_back(
+          n ? packed_rows<T>(vpacked, vscale, vzero, vbits, vgroup, false, vc, batch, head)
+            : Rows<T>());
+      layer.keys.push_back(nr ? dense_rows<T>(rk, batch, head) : Rows<T>());
+      layer.values.push_back(nr ? dense_rows<T>(rv, batch, head) : Rows<T>());
+      first_item[bh] = static_cast<int64_t>(items.size());
+      const int64_t counts[3] = {ns, n, nr};
+      int64_t offset = 0;
+      for (int part = 0; part < 3; ++part) {
+        for (int64_t t = 0; t < counts[part]; t += CHUNK)
+          items.push_back({bh, part, t, std::min(CHUNK, counts[part] - t), offset});
+        offset += counts[part];
+      }
+    }
+  }
+  first_item[b * h] = static_cast<int64_t>(items.size());
+  const int64_t stride = g * (d + 2);
+  std::vector<float> partials(items.size() * stride);
+  const bool fast = n > 0 && layer.fast() && std::getenv("KVTUNER_NATIVE_GENERIC") == nullptr;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> kbuf(CHUNK * d), scores(g * CHUNK);
+    for (int64_t index = lo; index < hi; ++index) {
+      float* partial = partials.data() + index * stride;
+      if (fast && items[index].part == 1) {
+        switch (d) {
+          case 64: layer.template run_stored_g<64>(items[index], scores.data(), partial); break;
+          case 128: layer.template run_stored_g<128>(items[index], scores.data(), partial); break;
+          default: layer.template run_stored_g<256>(items[index], scores.data(), partial);
+        }
+        continue;
+      }
+      switch (d) {  // loops over head_dim unrolled for the usual sizes
+        case 64: layer.template run<64>(items[index], kbuf.data(), scores.data(), partial); break;
+        case 128: layer.template run<128>(items[index], kbuf.data(), scores.data(), partial); break;
+        case 256: layer.template run<256>(items[index], kbuf.data(), scores.data(), partial); break;
+        default: layer.template run<0>(items[index], kbuf.data(), scores.data(), partial);
+      }
+    }
+  });
+  float* o = out.data_ptr<float>();
+  for (int64_t bh = 0; bh < b * h; ++bh) {
+    for (int64_t i = 0; i < g; ++i) {
+      float m = NEG_INF;
+      for (int64_t it = first_item[bh]; it < first_item[bh + 1]; ++it)
+        m = std::max(m, partials[it * stride + i * (d + 2) + d]);
+      float* dst = o + (bh * g + i) * d;
+      std::fill(dst, dst + d, 0.0f);
+      float sum = 0.0f;
+      for (int64_t it = first_item[bh]; it < first_item[bh + 1]; ++it) {
+        const float* part = partials.data() + it * stride + i * (d + 2);
+        if (part[d] == NEG_INF) continue;
+        const float w = std::exp(part[d] - m);
+        sum += w * part[d + 1];
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) dst[c] += w * part[c];
+      }
+      const float inv = 1.0f / sum;  // every token masked: 0 / 0 = NaN, as softmax gives
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) dst[c] *= inv;
+    }
+  }
+}
+
+at::Tensor decode_layer(
+    const at::Tensor& q,
+    const at::Tensor& sink,
+    const at::Tensor& res,
+    const at::Tensor& kpacked,
+    const at::Tensor& kscale,
+    const at::Tensor& kzero,
+    const std::optional<at::Tensor>& kcs,
+    const at::Tensor& vpacked,
+    const at::Tensor& vscale,
+    const at::Tensor& vzero,
+    const std::optional<at::Tensor>& vcs,
+    const std::optional<at::Tensor>& bias,
+    int64_t kbits,
+    int64_t kgroup,
+    int64_t vbits,
+    int64_t vgroup,
+    bool per_channel_keys) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "kvtuner: queries must be contiguous float32 [b, h, g, d]");
+  const int64_t b = q.size(0), h = q.size(1), d = q.size(3);
+  for (const at::Tensor* t : {&kpacked, &vpacked})
+    TORCH_CHECK(t->scalar_type() == at::kByte && t->dim() == 4 && t->stride(3) == 1,
+                "kvtuner: packed codes must be uint8 [b, h, n, m] with contiguous rows");
+  for (const at::Tensor* t : {&sink, &res})
+    TORCH_CHECK(t->dim() == 5 && t->stride(4) == 1 && t->scalar_type() == kscale.scalar_type(),
+                "kvtuner: sinks and residual must be [2, b, h, n, d] in the scales' dtype");
+  for (const at::Tensor* t : {&kscale, &kzero, &vscale, &vzero})
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1 && t->scalar_type() == kscale.scalar_type(),
+                "kvtuner: scales and zeros must share one dtype, with contiguous rows");
+  TORCH_CHECK(kbits == 2 || kbits == 4 || kbits == 8, "kvtuner: key bits must be 2, 4 or 8");
+  TORCH_CHECK(vbits == 2 || vbits == 4 || vbits == 8, "kvtuner: value bits must be 2, 4 or 8");
+  TORCH_CHECK(per_channel_keys || d % kgroup == 0, "kvtuner: key groups must divide head_dim");
+  TORCH_CHECK(d % vgroup == 0, "kvtuner: value groups must divide head_dim");
+  TORCH_CHECK(!per_channel_keys || kpacked.size(2) % kgroup == 0,
+              "kvtuner: per-channel keys must hold whole blocks");
+  std::vector<float> kc = channel_scales(kcs, b, h, d);
+  std::vector<float> vc = channel_scales(vcs, b, h, d);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kscale.scalar_type(), "kvtuner_decode", [&] {
+    decode<scalar_t>(q, sink, res, kpacked, kscale, kzero, kc, vpacked, vscale, vzero, vc, bias,
+                     kbits, kgroup, vbits, vgroup, per_channel_keys, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kvtuner, m) {
+  m.def(
+      "decode_layer(Tensor q, Tensor sink, Tensor res, Tensor kpacked, Tensor kscale, "
+      "Tensor kzero, Tensor? kcs, Tensor vpacked, Tensor vscale, Tensor vzero, Tensor? vcs, "
+      "Tensor? bias, int kbits, int kgroup, int vbits, int vgroup, bool per_channel_keys) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvtuner, CPU, m) {
+  m.impl("decode_layer", &decode_layer);
+}
