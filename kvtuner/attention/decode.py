@@ -7,9 +7,17 @@ full-precision residual; the newest token is already in it. For queries `[b, hea
     p = softmax(scores + mask);   out = p_sinks v_sinks + mix(p_stored, codes) + p_residual v_residual
 
 with the query heads of one KV head side by side (g = heads / kv_heads, as `repeat_kv` pairs them).
-No dequantized copy of the history is made: the workspace is the scores (n floats per query head)
-plus, on the eager path, the float codes of `kernels.EAGER_CHUNK` tokens. The scaled scores and
-the softmax are float32; the output is cast to the query's dtype.
+No dequantized copy of the history is made. Which code runs it, first that applies:
+
+1. on the CPU, kvtuner's kernel (`native`, one call per layer, online softmax over chunks of 128
+   tokens: the workspace is O(chunk) per thread);
+2. once the layer has seen `compiling.COMPILE_FROM` tokens, one `torch.compile`d graph of
+   `kernels.decode_layer` (CUDA: Triton; or CPU with KVTUNER_NATIVE=0);
+3. the same kernels eagerly, part by part, `kernels.EAGER_CHUNK` tokens of float codes at a time
+   (softcap, a store smoothed from a later token, short histories).
+
+Paths 2 and 3 keep the scores whole (n floats per query head). The scaled scores and the softmax
+are float32; the output is cast to the query's dtype.
 
 `reference_decode_attention` is the plain path it is tested against: dequantize the visible history
 (in float32), then attend.

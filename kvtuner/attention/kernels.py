@@ -18,6 +18,9 @@ Values (per token), weights p `[g, n]`:
 Every function takes float32 queries or weights and returns float32. Under `torch.compile` each is
 one fused loop nest over the packed bytes (the token axis is dynamic, so a growing context does not
 recompile); run eagerly, the codes of at most `EAGER_CHUNK` tokens are materialized at a time.
+
+On the CPU, `native.cpp` computes `decode_layer` in C++ (tests/attention/test_native.py checks the
+two agree); these functions are the reference and the path on CUDA.
 """
 
 from __future__ import annotations

@@ -147,3 +147,44 @@ def test_the_library_is_named_by_source_torch_and_flags():
     path = native.library_path()
     assert path.exists() and path.parent == native.cache_dir()
     assert path.name.startswith("kvtuner_native_") and path.suffix == ".so"
+
+
+def test_a_failed_build_warns_once_and_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVTUNER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="not available"):
+        assert native._load() is False
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-written
+
+
+def _layer_with_history(head_dim=64):
+    from kvtuner.cache import QuantizedKVLayer
+    from kvtuner.precision import Layout, PrecisionPair
+
+    gen = torch.Generator().manual_seed(0)
+    layer = QuantizedKVLayer(PrecisionPair(4, 2), Layout(scheme="per-token", group_size=32))
+    for n in (70, 1, 1):
+        if layer.pending is not None:
+            layer.finish_attention()
+        layer.fused = n == 1
+        layer.update(
+            torch.randn(1, 2, n, head_dim, generator=gen),
+            torch.randn(1, 2, n, head_dim, generator=gen),
+        )
+    return layer
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_decode_attention_takes_the_kernel_unless_turned_off(monkeypatch, setting):
+    from kvtuner.attention import decode
+
+    monkeypatch.setenv("KVTUNER_NATIVE", setting)
+    calls = []
+    real = native.decode_layer
+    monkeypatch.setattr(native, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    layer = _layer_with_history()
+    q = torch.randn(1, 6, 1, 64, generator=torch.Generator().manual_seed(1))
+    out = decode.decode_attention(q, layer, None, 0.125)
+    plain = decode.reference_decode_attention(q, layer, None, 0.125)
+    assert len(calls) == (1 if setting == "1" else 0)
+    assert ((out - plain).norm() / plain.norm()).item() <= 1e-4
