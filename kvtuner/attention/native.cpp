@@ -666,6 +666,107 @@ at::Tensor decode_layer(
   return out;
 }
 
+// -- a decode step's new tokens, quantized per token into the stores' next rows ---------------------
+// Offset (in elements) of row `r` of `t` [..., n, width], rows counted over every dim but the last.
+int64_t row_offset(const at::Tensor& t, int64_t r) {
+  int64_t offset = 0;
+  for (int64_t dim = t.dim() - 2; dim >= 0; --dim) {
+    offset += (r % t.size(dim)) * t.stride(dim);
+    r /= t.size(dim);
+  }
+  return offset;
+}
+
+// What kvtuner.quant.quantizer.quantize_per_token computes, bit for bit: per group of `group`
+// channels, scale = (max - min) / (2^bits - 1) and zero = min, both rounded to T; codes =
+// round_half_even((x - zero) / max(scale, FLT_MIN)), NaN -> 0, clamped; packed in planes.
+template <typename T>
+void quantize_rows_impl(const at::Tensor& x, const at::Tensor& cs, at::Tensor& packed,
+                        at::Tensor& scale, at::Tensor& zero, int64_t bits, int64_t group) {
+  const int64_t d = x.size(-1);
+  const int64_t rows = x.numel() / d;
+  const int per = 8 / static_cast<int>(bits);
+  const int64_t width = packed.size(-1);
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const T* xs = x.data_ptr<T>();
+  const T* c = cs.defined() ? cs.data_ptr<T>() : nullptr;
+  uint8_t* pk = packed.data_ptr<uint8_t>();
+  T* sc = scale.data_ptr<T>();
+  T* zr = zero.data_ptr<T>();
+  std::vector<float> v(d), codes(width * per, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = xs + r * d;
+    const T* cr = c == nullptr ? nullptr : c + r * d;  // expanded to x's shape
+    for (int64_t j = 0; j < d; ++j)
+      v[j] = cr == nullptr ? static_cast<float>(xr[j])
+                           : static_cast<float>(static_cast<T>(static_cast<float>(xr[j]) /
+                                                               static_cast<float>(cr[j])));
+    T* srow = sc + row_offset(scale, r);
+    T* zrow = zr + row_offset(zero, r);
+    for (int64_t g0 = 0, gi = 0; g0 < d; g0 += group, ++gi) {
+      float lo = v[g0], hi = v[g0];
+      bool nan = false;
+      for (int64_t j = g0; j < g0 + group; ++j) {
+        nan |= std::isnan(v[j]);
+        lo = std::min(lo, v[j]);
+        hi = std::max(hi, v[j]);
+      }
+      if (nan) lo = hi = std::numeric_limits<float>::quiet_NaN();
+      const T s = static_cast<T>((hi - lo) / qmax);
+      const T z = static_cast<T>(lo);
+      srow[gi] = s;
+      zrow[gi] = z;
+      const float safe = std::max(static_cast<float>(s), std::numeric_limits<float>::min());
+      const float zf = static_cast<float>(z);
+      for (int64_t j = g0; j < g0 + group; ++j) {
+        float q = std::nearbyint((v[j] - zf) / safe);
+        if (std::isnan(q)) q = 0.0f;
+        codes[j] = std::min(std::max(q, 0.0f), qmax);
+      }
+    }
+    uint8_t* prow = pk + row_offset(packed, r);
+    for (int64_t j = 0; j < width; ++j) {
+      int byte = 0;
+      for (int p = 0; p < per; ++p) {
+        const int64_t ch = p * width + j;
+        if (ch < d) byte |= static_cast<int>(codes[ch]) << (p * bits);
+      }
+      prow[j] = static_cast<uint8_t>(byte);
+    }
+  }
+}
+
+void quantize_rows(const at::Tensor& x, const std::optional<at::Tensor>& channel_scale,
+                   at::Tensor& packed, at::Tensor& scale, at::Tensor& zero, int64_t bits,
+                   int64_t group) {
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "kvtuner: bits must be 2, 4 or 8");
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(group > 0 && d % group == 0, "kvtuner: group must divide head_dim");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.stride(-1) == 1 &&
+                  packed.size(-1) == (d * bits + 7) / 8,
+              "kvtuner: packed rows must be uint8 [..., ceil(head_dim * bits / 8)]");
+  TORCH_CHECK(scale.scalar_type() == x.scalar_type() && zero.scalar_type() == x.scalar_type() &&
+                  scale.size(-1) == d / group && zero.size(-1) == d / group &&
+                  scale.stride(-1) == 1 && zero.stride(-1) == 1,
+              "kvtuner: scale and zero rows must be [..., head_dim / group] in x's dtype");
+  TORCH_CHECK(packed.numel() / packed.size(-1) == x.numel() / d &&
+                  scale.numel() / scale.size(-1) == x.numel() / d &&
+                  zero.numel() / zero.size(-1) == x.numel() / d,
+              "kvtuner: outputs must hold one row per row of x");
+  at::Tensor xc = x.contiguous();
+  at::Tensor cs;
+  if (channel_scale.has_value()) {
+    TORCH_CHECK(channel_scale->scalar_type() == x.scalar_type(),
+                "kvtuner: the channel scale must be in x's dtype");
+    // [..., 1, d] broadcast over the tokens of each leading index: one row per token
+    std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+    cs = channel_scale->expand(sizes).contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "kvtuner_quantize", [&] {
+    quantize_rows_impl<scalar_t>(xc, cs, packed, scale, zero, bits, group);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kvtuner, m) {
@@ -673,8 +774,12 @@ TORCH_LIBRARY(kvtuner, m) {
       "decode_layer(Tensor q, Tensor sink, Tensor res, Tensor kpacked, Tensor kscale, "
       "Tensor kzero, Tensor? kcs, Tensor vpacked, Tensor vscale, Tensor vzero, Tensor? vcs, "
       "Tensor? bias, int kbits, int kgroup, int vbits, int vgroup, bool per_channel_keys) -> Tensor");
+  m.def(
+      "quantize_rows(Tensor x, Tensor? channel_scale, Tensor(a!) packed, Tensor(b!) scale, "
+      "Tensor(c!) zero, int bits, int group) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvtuner, CPU, m) {
   m.impl("decode_layer", &decode_layer);
+  m.impl("quantize_rows", &quantize_rows);
 }

@@ -135,5 +135,11 @@ def decode_layer(*args):
     return torch.ops.kvtuner.decode_layer(*args)
 
 
+def quantize_rows(x, channel_scale, packed, scale, zero, bits: int, group: int) -> None:
+    """Quantize tokens `x` `[..., n, head_dim]` per token into the given rows (in place), what
+    `quantizer.quantize_per_token(x / channel_scale, bits, group)` gives, bit for bit."""
+    torch.ops.kvtuner.quantize_rows(x, channel_scale, packed, scale, zero, bits, group)
+
+
 if __name__ == "__main__":  # `make install`: build now, not at the first decode step
     print(build(verbose=True))

@@ -53,9 +53,15 @@ class TokenBuffer:
 
     def append(self, x: torch.Tensor) -> None:
         """Append rows `[..., n, width]`."""
-        n = x.shape[-2]
+        self.claim(x.shape, x.dtype, x.device).copy_(x)
+
+    def claim(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Make `shape[-2]` new live rows (shape `[..., n, width]`) and return them, unwritten:
+        the caller fills them in place (a decode step's quantized token)."""
+        n = shape[-2]
         if self.data is None:
-            self.data = x.new_empty((*x.shape[:-2], max(n, self.reserved), x.shape[-1]))
+            size = (*shape[:-2], max(n, self.reserved), shape[-1])
+            self.data = torch.empty(size, dtype=dtype, device=device)
             self.start = self.end = 0
         elif self.end + n > self.capacity:
             live = len(self)
@@ -65,8 +71,9 @@ class TokenBuffer:
                 self._reallocate(self.reserved)
             else:
                 self._reallocate(live + n + spare_rows(live + n, self.multiple, self.min_spare))
-        self.data[..., self.end : self.end + n, :].copy_(x)
+        rows = self.data[..., self.end : self.end + n, :]
         self.end += n
+        return rows
 
     def drop_front(self, n: int, compact: bool = False) -> None:
         """Forget the oldest `n` rows; `compact` frees their memory now (else they are reused)."""

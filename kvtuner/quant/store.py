@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from kvtuner import compiling
+from kvtuner.attention import native
 from kvtuner.quant.buffer import MIN_SPARE, TokenBuffer
+from kvtuner.quant.packing import packed_size
 from kvtuner.quant.quantizer import dequantize_parts, quantize_per_channel, quantize_per_token
 
 SMOOTH_WARMUP = 32  # tokens whose per-channel magnitudes fix a smoothed store's channel scale
@@ -239,6 +241,8 @@ class TokenStore(_PackedStore):
         if self.smooth and self.channel_scale is None:
             self._observe(x, valid)
         self.appended += x.shape[-2]
+        if x.shape[-2] == 1 and self._native_step(x):
+            return
         if x.shape[-2] == 1 and compiling.compiled(_quantize_token, self.appended) is not None:
             # a decode step: one fused kernel instead of a dozen tiny ones
             packed, scale, zero = compiling.run(
@@ -254,6 +258,26 @@ class TokenStore(_PackedStore):
             q = quantize_per_token(part, self.bits, self.group_size)
             self.head_dim = q.head_dim
             self._extend(q.packed, q.scale, q.zero)
+
+    def _native_step(self, x: torch.Tensor) -> bool:
+        """A decode step on the CPU: kvtuner's kernel quantizes the token straight into the
+        buffers' next rows (bit for bit what `quantize_per_token` gives). False where it cannot."""
+        if x.device.type != "cpu" or self.packed is None or not x.dtype.is_floating_point:
+            return False
+        if not (native.enabled() and native.available()):
+            return False
+        if self.channel_scale is not None and self.channel_scale.dtype != x.dtype:
+            return False
+        rows = x.shape
+        width = packed_size(rows[-1], self.bits)
+        group = self.group_size or rows[-1]
+        groups = rows[-1] // group
+        packed = self._packed.claim((*rows[:-1], width), torch.uint8, x.device)
+        scale = self._scale.claim((*rows[:-1], groups), x.dtype, x.device)
+        zero = self._zero.claim((*rows[:-1], groups), x.dtype, x.device)
+        native.quantize_rows(x, self.channel_scale, packed, scale, zero, self.bits, group)
+        self.head_dim = rows[-1]
+        return True
 
     def read(self, start: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens `[start:]`, dequantized: `[b, h, n - start, head_dim]` (into `out` if given)."""

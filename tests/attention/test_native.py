@@ -188,3 +188,51 @@ def test_decode_attention_takes_the_kernel_unless_turned_off(monkeypatch, settin
     plain = decode.reference_decode_attention(q, layer, None, 0.125)
     assert len(calls) == (1 if setting == "1" else 0)
     assert ((out - plain).norm() / plain.norm()).item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [16, 64])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_quantize_rows_is_quantize_per_token_bit_for_bit(dtype, bits, group, smoothed):
+    from kvtuner.quant.quantizer import quantize_per_token
+
+    gen = torch.Generator().manual_seed(bits * group)
+    x = (torch.randn(2, 3, 4, 5, 64, generator=gen) * 3).to(dtype)
+    x[0, 0, 0, 0, 3] = float("nan")  # a non-finite group stays non-finite, as in torch
+    x[0, 0, 0, 1, 40] = float("inf")
+    x[1, 1, 1, 1, :16] = 0.5  # a constant group: scale 0
+    cs = (torch.rand(2, 3, 4, 1, 64, generator=gen) + 0.3).to(dtype) if smoothed else None
+    ref = quantize_per_token(x if cs is None else x / cs, bits, group)
+    # into strided rows of larger buffers, as a store's spare rows are
+    packed = torch.zeros(2, 3, 4, 9, 64 * bits // 8, dtype=torch.uint8)[..., 2:7, :]
+    scale = torch.zeros(2, 3, 4, 9, 64 // group, dtype=dtype)[..., 2:7, :]
+    zero = torch.zeros_like(scale)
+    native.quantize_rows(x, cs, packed, scale, zero, bits, group)
+    assert torch.equal(packed, ref.packed)
+    assert torch.equal(scale.nan_to_num(7.0), ref.scale.nan_to_num(7.0))
+    assert torch.equal(zero.nan_to_num(7.0), ref.zero.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_store_the_same_bytes_with_and_without_the_kernel(monkeypatch, smooth, dtype):
+    from kvtuner.quant.store import TokenStore
+
+    def fill(setting):
+        monkeypatch.setenv("KVTUNER_NATIVE", setting)
+        gen = torch.Generator().manual_seed(3)
+        store = TokenStore(4, 32, smooth=smooth)
+        for n in [40] + [1] * 30:  # the prompt, then decode steps (the buffer grows twice)
+            store.append((torch.randn(2, 1, 2, n, 64, generator=gen) * 2).to(dtype))
+        return store
+
+    calls = []
+    real = native.quantize_rows
+    monkeypatch.setattr(native, "quantize_rows", lambda *a: calls.append(1) or real(*a))
+    fast = fill("1")
+    assert len(calls) == 30  # every decode step, not the prompt
+    plain = fill("0")
+    assert len(calls) == 30 and fast.seq_len == plain.seq_len == 70
+    for a, b in zip((fast.packed, fast.scale, fast.zero), (plain.packed, plain.scale, plain.zero)):
+        assert torch.equal(a, b)
