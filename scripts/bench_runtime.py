@@ -16,9 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-# (model, config, contexts, decode steps, rounds): the issue's targets first
+# (model, config, contexts, decode steps, rounds[, peer bits]): the issue's targets first; the
+# first row also runs transformers' QuantizedCache (quanto, 4-bit) where optimum-quanto is installed
 RUNS = [
-    ("smollm2-135m", "KV4", "4096,8000", 32, 3),
+    ("smollm2-135m", "KV4", "4096,8000", 32, 3, 4),
     ("qwen2.5-coder-0.5b", "KV4", "16384", 16, 1),
     ("gemma-3-270m", "KV4", "16384", 16, 1),
     ("smollm2-135m", "K4V2", "8000", 32, 2),
@@ -29,7 +30,9 @@ RUNS = [
 MIB = 2**20
 
 
-def run(model: str, config: str, contexts: str, steps: int, rounds: int, out: Path) -> Path:
+def run(
+    model: str, config: str, contexts: str, steps: int, rounds: int, out: Path, peer: int = 0
+) -> Path:
     name = f"{model}_{config.replace(' --scheme ', '-')}_{contexts.replace(',', '-')}.json"
     path = out / name
     if path.exists():
@@ -37,7 +40,7 @@ def run(model: str, config: str, contexts: str, steps: int, rounds: int, out: Pa
     kvtuner = str(Path(sys.executable).with_name("kvtuner"))
     command = [kvtuner, "bench", "--model", model, "--config",
                *config.split(), "--contexts", contexts, "--new-tokens", str(steps), "--rounds",
-               str(rounds), "--peer-bits", "0", "--json"]  # fmt: skip
+               str(rounds), "--peer-bits", str(peer), "--json"]  # fmt: skip
     print(" ".join(command[1:]), flush=True)
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     path.write_text(result.stdout)
@@ -47,8 +50,9 @@ def run(model: str, config: str, contexts: str, steps: int, rounds: int, out: Pa
 def table(paths: list[Path]) -> str:
     lines = [
         "| model | config | context | KV MiB (dense) | effective bits | decode tok/s (dense) | speed | "
-        "prefill peak MiB (dense) | decode-phase MiB (dense) | decode memory saved / KV saved |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "prefill peak MiB (dense) | decode-phase MiB (dense) | decode memory saved / KV saved | "
+        "QuantizedCache quanto 4-bit tok/s (KV MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for path in paths:
         for r in json.loads(path.read_text())["contexts"]:
@@ -59,9 +63,17 @@ def table(paths: list[Path]) -> str:
                 f"{r['tokens_per_s']:.2f} ({r['dense_tokens_per_s']:.2f}) | **{r['speed_ratio']:.2f}x** | "
                 f"{r['prefill_peak_memory_bytes'] / MIB:.0f} ({r['dense_prefill_peak_memory_bytes'] / MIB:.0f}) | "
                 f"{r['decode_level_memory_bytes'] / MIB:.0f} ({r['dense_decode_level_memory_bytes'] / MIB:.0f}) | "
-                f"{'' if saved is None else f'{saved:.0%}'} |"
+                f"{'' if saved is None else f'{saved:.0%}'} | {_peer(r)} |"
             )
     return "\n".join(lines)
+
+
+def _peer(row: dict) -> str:
+    """transformers' QuantizedCache (quanto) in the same run, where it ran."""
+    for other in row.get("rows", []):
+        if other["name"].startswith("transformers QuantizedCache"):
+            return f"{other['tokens_per_s']:.2f} ({other['kv_bytes'] / MIB:.1f})"
+    return ""
 
 
 def main() -> None:
@@ -71,11 +83,11 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for model, config, contexts, steps, rounds in RUNS:
+    for model, config, contexts, steps, rounds, *peer in RUNS:
         if args.only and model != args.only:
             continue
         try:
-            paths.append(run(model, config, contexts, steps, rounds, args.out))
+            paths.append(run(model, config, contexts, steps, rounds, args.out, *peer))
         except subprocess.CalledProcessError as error:
             print(f"{model} {config}: failed: {error.stderr.strip().splitlines()[-1:]}", flush=True)
     markdown = table(paths)
