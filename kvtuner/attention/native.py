@@ -8,7 +8,7 @@ no compile step, no graph guards, and an online softmax over chunks of tokens.
 The library is built into `$KVTUNER_CACHE_DIR` (default `~/.cache/kvtuner`)`/native/`, named by
 a hash of the source, torch's version and the compiler flags, so a new kvtuner or torch builds
 anew. `make install` builds it (`python -m kvtuner.attention.native`); otherwise the first decode
-step that needs it does (about 30 s, once). KVTUNER_NATIVE=0 turns it off. A failed build (no
+step that needs it does (about 40 s, once). KVTUNER_NATIVE=0 turns it off. A failed build (no
 g++, no torch headers) warns once and leaves the pure-torch path.
 """
 
@@ -116,7 +116,7 @@ def _load() -> bool:
     try:
         if not library_path().exists():
             warnings.warn(
-                "kvtuner: building the CPU decode kernel (once per machine, about 30 s)",
+                "kvtuner: building the CPU decode kernel (once per machine, about 40 s)",
                 stacklevel=4,
             )
         torch.ops.load_library(str(build()))

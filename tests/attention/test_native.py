@@ -149,6 +149,7 @@ def test_the_library_is_named_by_source_torch_and_flags():
     assert path.name.startswith("kvtuner_native_") and path.suffix == ".so"
 
 
+@pytest.mark.filterwarnings("ignore:kvtuner. building")
 def test_a_failed_build_warns_once_and_leaves_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("KVTUNER_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
