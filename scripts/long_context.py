@@ -139,7 +139,44 @@ def main() -> None:
             "",
         ]
     )
+    studies = [json.loads(p.read_text()) for p in sorted(OUT.glob("study_*.json"))]
+    if studies:
+        text += "\n" + study_section(studies)
     Path("docs/long-context.md").write_text(text)
+
+
+def study_section(studies: list[dict]) -> str:
+    """`scripts/context_study.py`'s results: does a calibration at 512 tokens hold at 8k?"""
+    lines = [
+        "## Does a calibration at a short context hold at a long one?",
+        "",
+        "From `python scripts/context_study.py` (after `kvtuner calibrate --context 8192 --samples 2 "
+        "--additivity 0 --layer-kl-samples 4`): Spearman across layers between the single-layer KL "
+        "measured at the shipped calibration's context and at the long one, per (key, value) pair; "
+        "then the knapsack's configs from each table at the same caps, scored on the same long "
+        "held-out samples (difference = short-calibrated minus long-calibrated, paired; positive: "
+        "calibrating at the long context picks better).",
+        "",
+    ]
+    for study in studies:
+        pairs = ", ".join(f"{k} {v:.2f}" for k, v in study["spearman_per_pair"].items())
+        lines += [
+            f"**{study['model']}, {study['scheme']}**, {study['short_context']} vs "
+            f"{study['long_context']} tokens: Spearman per pair {pairs}; all rows pooled "
+            f"{study['spearman_all']:.2f}. Configs scored at {study['eval_context']} tokens, "
+            f"{study['samples']} samples:",
+            "",
+            "| cap | short-calibrated KL | long-calibrated KL | difference (paired) |",
+            "|---:|---:|---:|---:|",
+        ]
+        for row in study["rows"]:
+            lines.append(
+                f"| {row['cap']} | {row['short_kl']:.4f} ± {row['short_kl_stderr']:.4f} | "
+                f"{row['long_kl']:.4f} ± {row['long_kl_stderr']:.4f} | "
+                f"{row['difference']:+.4f} ± {row['difference_stderr']:.4f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
