@@ -120,6 +120,7 @@ def _load() -> bool:
                 stacklevel=4,
             )
         torch.ops.load_library(str(build()))
+        _register_fakes()
         return True
     except Exception as error:  # no compiler, no headers: the pure-torch path instead
         warnings.warn(
@@ -128,6 +129,18 @@ def _load() -> bool:
             stacklevel=4,
         )
         return False
+
+
+def _register_fakes() -> None:
+    """Shapes for tracing (torch.compile, export): the ops run only on real CPU tensors."""
+
+    @torch.library.register_fake("kvtuner::decode_layer")
+    def _decode_layer(q, *args):
+        return torch.empty_like(q)
+
+    @torch.library.register_fake("kvtuner::quantize_rows")
+    def _quantize_rows(*args):
+        return None
 
 
 def decode_layer(*args):

@@ -237,3 +237,13 @@ def test_decode_steps_store_the_same_bytes_with_and_without_the_kernel(monkeypat
     assert len(calls) == 30 and fast.seq_len == plain.seq_len == 70
     for a, b in zip((fast.packed, fast.scale, fast.zero), (plain.packed, plain.scale, plain.zero)):
         assert torch.equal(a, b)
+
+
+def test_the_ops_trace_under_torch_compile():
+    """A model compiled whole (fullgraph) can call the ops: they have fake (shape) kernels."""
+    args = stores(n=128)
+    tensors, ints = args[:12], args[12:]
+    compiled = torch.compile(
+        lambda *t: native.decode_layer(*t, *ints), backend="eager", fullgraph=True
+    )
+    assert torch.equal(compiled(*tensors), native.decode_layer(*args))
