@@ -36,25 +36,6 @@ namespace {
 constexpr int64_t CHUNK = 128;  // tokens per work item
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0 (a score minus its row's maximum), vectorizable; x < -87 (and -inf) gives 0.
-// Cephes' expf: 2^n * p(r) with |r| <= ln(2)/2; relative error about 2e-7.
-inline float exp_nonpositive(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float pow2;
-  std::memcpy(&pow2, &bits, sizeof(pow2));
-  return x < -87.0f ? 0.0f : y * pow2;
-}
-
 // 16 floats (one AVX-512 register, two AVX2 ones): the fast path's unit along head_dim.
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
@@ -76,7 +57,9 @@ inline v16 load16(const float* p) {
 
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// exp_nonpositive on 16 lanes (round to nearest by the 1.5 * 2^23 trick: |x log2 e| < 2^22)
+// exp(x) for x <= 0 (a score minus its row's maximum) on 16 lanes; x < -87 (and -inf) gives 0.
+// Cephes' expf: 2^n * p(r) with |r| <= ln(2)/2, relative error about 2e-7; n rounded to nearest
+// by the 1.5 * 2^23 trick (|x log2 e| < 2^22).
 inline v16 exp16(v16 x) {
   const v16 xc = x < -87.0f ? v16{} - 87.0f : x;
   const v16 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -316,11 +299,16 @@ void Layer<T>::softmax(const Item& item, float* scores, float* partial) const {
         store16(si + t, e);
         sums += e;
       }
-      for (; t < n; ++t) {
-        si[t] = exp_nonpositive(si[t] - m);
-        sum += si[t];
+      if (t < n) {  // the last partial vector, padded with -inf (exp 0)
+        alignas(64) float tail[16];
+        std::fill(tail, tail + 16, NEG_INF);
+        std::copy(si + t, si + n, tail);
+        const v16 e = exp16(load16(tail) - m);
+        store16(tail, e);
+        std::copy(tail, tail + (n - t), si + t);
+        sums += e;
       }
-      sum += hsum(sums);
+      sum = hsum(sums);
     } else {
       std::fill(si, si + n, 0.0f);
     }
