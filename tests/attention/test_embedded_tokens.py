@@ -1,16 +1,23 @@
 """On the three embedded models: decoding on the packed codes picks today's greedy tokens.
 
 For both schemes, uniform KV8 / KV4 / K4V2 and a shipped searched config, the dequantize-then-
-attend path (`fused_attention=False`) generates 32 greedy tokens; the fused path (kvtuner's
-attention on the stores as held) is fed the same tokens and must pick the same one at 28 steps of
-32 or more in each case, and at 245 of a model's 256 or more. Free-running, the two paths give
-identical 32-token continuations in 21 of these 24 cases; in the other three (per-token stores:
-Gemma 3 KV4 and C4.0, Qwen2.5 C4.0) a sum taken in another order moves a key by about 1e-5, which
-rounds a 4-bit code the other way a few tokens in, and the paths part from there (teacher-forced,
-29 and 30 of 32 steps agree in the C4.0 cases). Attention outputs themselves agree within 1e-4
-(tests/attention/test_decode.py).
+attend path (`fused_attention=False`) decodes 32 greedy tokens after a 200-token prompt (long
+enough that KIVI's stores hold packed blocks, not only the residual). At every step a copy of
+that cache, with the fused path on, runs the same token: both read the same stored history, so
+what differs is the attention arithmetic alone. The fused path must pick the same token at every
+step where today's path leads by more than `MARGIN` logits, and at 31 of 32 steps in all.
+
+Why a shared history: when each path keeps its own cache, a sum in another order moves a new
+token's key by about 1e-5, one 4-bit or 2-bit code rounds the other way, and the two caches hold
+different codes from then on; in the lossy per-token configs (Gemma 3's C4.0) the steps after
+that part by up to 0.5 logits (26 to 29 of 32 teacher-forced choices agreed, by build flags).
+That is the config's quantization noise, not the kernel's error. Here only the new token's own
+codes can round differently; with KIVI the new token waits in the full-precision residual, so
+the logits agree within `KIVI_LOGITS` (measured: 5e-5 or less on all three models).
+Attention outputs themselves agree within 1e-4 on random stores (tests/attention/test_decode.py).
 """
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -19,24 +26,30 @@ import torch
 import kvtuner
 from kvtuner.attention import interface
 from kvtuner.compat import with_cache
+from kvtuner.data import heldout_text
 
-PROMPT = "The history of the printing press begins"
 SHIPPED = Path(__file__).resolve().parents[2] / "searched_configs"
 CONFIGS = ("KV8", "KV4", "K4V2", "kvtuner_c4.0.yaml")
 TOKENS = 32
+PROMPT_TOKENS = 200
+MARGIN = 0.5
+KIVI_LOGITS = 1e-3
 
 
 @torch.no_grad()
-def greedy_steps(model, ids, cache, forced: list[int] | None = None) -> list[int]:
-    """Greedy choices of `TOKENS` steps; fed `forced` instead of the own choices when given."""
+def paired_steps(model, ids, cache):
+    """Per greedy step of today's path: (its logits, the fused path's logits on a copy)."""
+    cache.fused_attention = False
     out = model(ids, **with_cache(model, cache), use_cache=True)
-    chosen = []
-    for step in range(TOKENS):
-        choice = int(out.logits[0, -1].argmax())
-        chosen.append(choice)
-        token = forced[step] if forced is not None else choice
-        out = model(torch.tensor([[token]]), **with_cache(model, cache), use_cache=True)
-    return chosen
+    steps = []
+    for _ in range(TOKENS):
+        token = out.logits[:, -1:].argmax(-1)
+        shadow = copy.deepcopy(cache)
+        shadow.fused_attention = True
+        fused = model(token, **with_cache(model, shadow), use_cache=True).logits[0, -1]
+        out = model(token, **with_cache(model, cache), use_cache=True)
+        steps.append((out.logits[0, -1], fused))
+    return steps
 
 
 @pytest.mark.slow
@@ -44,26 +57,29 @@ def greedy_steps(model, ids, cache, forced: list[int] | None = None) -> list[int
 def test_fused_decoding_picks_todays_tokens(monkeypatch, request, fixture):
     loaded = request.getfixturevalue(fixture)
     model, name = loaded.model, loaded.name
-    ids = loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    ids = loaded.tokenizer(heldout_text()[:4000], return_tensors="pt")["input_ids"][
+        :, :PROMPT_TOKENS
+    ]
     calls = []
     real = interface.decode_attention
     monkeypatch.setattr(
         interface, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
-    agreed = 0
     for scheme in ("per-token", "kivi"):
         for spec in CONFIGS:
             yaml = spec.endswith(".yaml")
             config = SHIPPED / name / scheme / spec if yaml else spec
-            kind = None if yaml else scheme
-            plain_cache = kvtuner.quantized_cache(model, config, scheme=kind, fused_attention=False)
-            plain = greedy_steps(model, ids, plain_cache)
-            before = len(calls)
-            fused = greedy_steps(
-                model, ids, kvtuner.quantized_cache(model, config, scheme=kind), plain
-            )
-            assert len(calls) > before  # the fused path really ran
-            same = sum(a == b for a, b in zip(fused, plain))
-            assert same >= TOKENS - 4, f"{name} {scheme} {spec}: {same}/{TOKENS}"
-            agreed += same
-    assert agreed >= 245, f"{name}: {agreed}/256"
+            cache = kvtuner.quantized_cache(model, config, scheme=None if yaml else scheme)
+            steps = paired_steps(model, ids, cache)
+            assert len(calls) >= TOKENS * len(cache.layers)  # the fused path really ran
+            case = f"{name} {scheme} {spec}"
+            same = 0
+            for step, (plain, fused) in enumerate(steps):
+                top = plain.topk(2).values
+                agree = bool(fused.argmax() == plain.argmax())
+                assert agree or top[0] - top[1] <= MARGIN, f"{case}: step {step}"
+                same += agree
+                if scheme == "kivi":
+                    assert (fused - plain).abs().max() <= KIVI_LOGITS, f"{case}: step {step}"
+            assert same >= TOKENS - 1, f"{case}: {same}/{TOKENS}"
+            calls.clear()
