@@ -94,6 +94,7 @@ class QuantizedKVLayer(WindowedLayer):
         self.cumulative_length = 0
         self.stores: SeparateKV | StackedKV | None = None
         self._sink: torch.Tensor | None = None  # [2, batch, heads, sinks, head_dim]
+        self._sink_end = self.layout.sink_tokens  # positions held as sinks (see _first_tokens_end)
         self._res: torch.Tensor | None = None  # [2, batch, heads, residual, head_dim]
         # bool [batch, positions]: False where the attention mask says padding (see KVTunerCache)
         self.valid: torch.Tensor | None = None
@@ -139,7 +140,9 @@ class QuantizedKVLayer(WindowedLayer):
         past = self.cumulative_length
         self.cumulative_length += new
         states = torch.stack((key_states, value_states))
-        sinks = min(max(self.layout.sink_tokens - past, 0), new)
+        if past == 0:
+            self._sink_end = self._first_tokens_end(new)
+        sinks = min(max(self._sink_end - past, 0), new)
         if sinks:
             # a copy: a view would keep the whole prompt's keys and values alive
             self._sink = cat_tokens(self._sink, states[..., :sinks, :].clone())
@@ -250,6 +253,16 @@ class QuantizedKVLayer(WindowedLayer):
         first = self.cumulative_length - waiting  # position of the oldest residual token
         self.stores.append(self._res[..., :count, :], self._valid(first, count))
         self._res = self._res[..., count:, :].clone()
+
+    def _first_tokens_end(self, new: int) -> int:
+        """Where the sinks end: after `sink_tokens` positions, and in a left-padded batch after
+        the padding of the most padded row as well, so that every row's own first tokens stay in
+        full precision (as they would alone); other rows keep a few more tokens there."""
+        sinks = self.layout.sink_tokens
+        if not sinks or self.valid is None or self.valid.shape[-1] < new:
+            return sinks
+        padding = (~self.valid[:, :new]).cumprod(-1).sum(-1)  # leading padding, per row
+        return sinks + int(padding.max())
 
     def _valid(self, first: int, count: int) -> torch.Tensor | None:
         """Bool `[batch, 1, count, 1]`: which of positions first..first+count-1 are tokens, not

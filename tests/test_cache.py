@@ -408,6 +408,35 @@ def test_smoothed_stores_fix_their_channel_scale_after_the_warmup():
     assert torch.equal(store.read(0), read[..., 7:, :])
 
 
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
+def test_each_padded_row_keeps_its_own_first_tokens_as_sinks(scheme):
+    """Left padding of 0 / 5 / 11 positions: the sinks run to 4 tokens past the widest padding,
+    so every row holds its own first 4 tokens in full precision, as it would alone."""
+    cache = tiny_cache("KV2", scheme=scheme, sink_tokens=4)
+    gen = torch.Generator().manual_seed(4)
+    keys = torch.randn(3, 2, 30, 16, generator=gen)
+    values = torch.randn(3, 2, 30, 16, generator=gen)
+    mask = torch.ones(3, 30, dtype=torch.long)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    cache.observe_attention_mask(mask)
+    layer = cache.layers[0]
+    layer.update(keys, values)
+    assert layer._sink.shape[-2] == 4 + 11
+    for row, padding in enumerate((0, 5, 11)):
+        first = slice(padding, padding + 4)
+        assert torch.equal(layer._sink[0, row, :, first], keys[row, :, first])
+        assert torch.equal(layer._sink[1, row, :, first], values[row, :, first])
+    step = torch.randn(3, 2, 1, 16, generator=gen)
+    cache.observe_attention_mask(torch.ones(3, 31, dtype=torch.long))
+    layer.update(step, step.clone())
+    assert layer._sink.shape[-2] == 15  # fixed by the prompt
+    unpadded = tiny_cache("KV2", scheme=scheme, sink_tokens=4)
+    unpadded.observe_attention_mask(torch.ones(3, 30, dtype=torch.long))
+    unpadded.layers[0].update(keys, values)
+    assert unpadded.layers[0]._sink.shape[-2] == 4
+
+
 def test_padding_stays_out_of_the_channel_scale():
     cache = tiny_cache("KV4", sink_tokens=0)
     gen = torch.Generator().manual_seed(2)

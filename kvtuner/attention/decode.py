@@ -137,16 +137,17 @@ def decode_attention(
     visible = layer.pending if visible is None else visible
     q = query.float().reshape(b, kv_heads, g, d) * scaling
     sink, res = layer._sink, layer._res
-    keys, values = layer.stores.views()
     stored = layer.stores.seq_len
+    # a prompt shorter than the sinks (or KIVI's residual) leaves the stores empty for a while
+    keys, values = layer.stores.views() if stored else (None, None)
     counts = (sink.shape[-2], stored, res.shape[-2])
-    if _native_layer(q, sink, res, keys, values, stored, softcap):
+    if stored and _native_layer(q, sink, res, keys, values, stored, softcap):
         bias = _bias(attention_mask, sum(counts) - visible, visible, q)
         out = native.decode_layer(q, sink, res, *_store_args(keys, values, bias))
         return out.reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype)
     # compiled once the layer has seen COMPILE_FROM tokens: a sliding layer holds only its window
     # but keeps decoding for as long as the full layers do
-    if _whole_layer(keys, values, stored, layer.cumulative_length, softcap):
+    if stored and _whole_layer(keys, values, stored, layer.cumulative_length, softcap):
         bias = _bias(attention_mask, sum(counts) - visible, visible, q)
         out = _decode_layer(q, sink, res, keys, values, bias)
         return out.reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype)

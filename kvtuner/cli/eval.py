@@ -36,6 +36,7 @@ TASK_OPTIONS = {  # options only some tasks read: given to another, they are an 
     "--plot": ("passkey",),
     "--limit": ("humaneval",),
     "--timeout": ("humaneval",),
+    "--batch-size": ("humaneval",),
     "--samples": ("kl", "passkey"),
     "--context": ("kl",),
     "--tasks": ("kl",),
@@ -126,6 +127,14 @@ def eval_command(
         float | None,
         typer.Option("--timeout", help="humaneval: seconds each program may run (default 10)."),
     ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="humaneval: prompts decoded together (default 8; compare configs at one size).",
+        ),
+    ] = None,
     seed: SeedOption = 0,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
@@ -141,6 +150,7 @@ def eval_command(
             "--plot": plot,
             "--limit": limit,
             "--timeout": timeout,
+            "--batch-size": batch_size,
             "--samples": samples,
             "--context": context,
             "--tasks": tasks,
@@ -168,6 +178,7 @@ def eval_command(
         return
     if task == "humaneval":
         from kvtuner.cli import eval_humaneval
+        from kvtuner.tasks import humaneval
         from kvtuner.tasks.sandbox import TIMEOUT
 
         eval_humaneval.run(
@@ -177,6 +188,7 @@ def eval_command(
             limit=limit,
             max_new_tokens=max_new_tokens,
             timeout=TIMEOUT if timeout is None else timeout,
+            batch_size=batch_size or humaneval.BATCH_SIZE,
             device=device,
             dtype=dtype,
             quantize_prefill=quantize_prefill,

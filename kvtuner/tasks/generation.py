@@ -15,7 +15,7 @@ CacheFactory = Callable[[], Any] | None
 
 
 class StopOnText(StoppingCriteria):
-    """Stop once the text generated after `prompt_length` tokens contains any of `stop`."""
+    """Stop each row once the text generated after `prompt_length` tokens contains any of `stop`."""
 
     def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_length: int) -> None:
         self.tokenizer = tokenizer
@@ -23,9 +23,11 @@ class StopOnText(StoppingCriteria):
         self.prompt_length = prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        text = self.tokenizer.decode(input_ids[0, self.prompt_length :], skip_special_tokens=True)
-        done = any(s in text for s in self.stop)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_length :], skip_special_tokens=True
+        )
+        done = [any(s in text for s in self.stop) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -34,7 +36,6 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-@torch.inference_mode()
 def greedy_text(
     model: Any,
     tokenizer: Any,
@@ -48,22 +49,52 @@ def greedy_text(
 
     `make_cache()` gives the cache the whole generation reads and writes (None: dense).
     """
+    return greedy_texts(
+        model, tokenizer, [input_ids], make_cache, max_new_tokens=max_new_tokens, stop=stop
+    )[0]
+
+
+@torch.inference_mode()
+def greedy_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    make_cache: CacheFactory = None,
+    *,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+) -> list[str]:
+    """Greedy continuations of `prompts`, decoded as one left-padded batch, each cut at the first
+    of `stop`; a row that has stopped waits (padding) until all have, or `max_new_tokens`.
+
+    One batch reads the weights once per step for every row: on a CPU, 8 prompts decode in about
+    the time of 2 or 3 alone. A row's greedy choices can differ from the same prompt alone where
+    two logits tie within float rounding (padding changes the shapes of the matrix products), so
+    compare configs at the same batch size.
+    """
+    if not prompts:
+        return []
     device = next(model.parameters()).device
-    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if not len(prompt):
+            raise ValueError(f"prompt {row} is empty")
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
     kwargs: dict[str, Any] = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
         "max_new_tokens": max_new_tokens,
         "do_sample": False,
         "pad_token_id": pad,
     }
     if stop:
-        kwargs["stopping_criteria"] = StoppingCriteriaList(
-            [StopOnText(tokenizer, stop, ids.shape[1])]
-        )
+        kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnText(tokenizer, stop, width)])
     if make_cache is not None:
         kwargs = with_cache(model, make_cache(), **kwargs)
     out = model.generate(**kwargs)
-    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    return cut_at_stop(text, stop)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [cut_at_stop(text, stop) for text in texts]

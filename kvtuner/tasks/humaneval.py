@@ -22,6 +22,7 @@ from kvtuner.tasks.sandbox import TIMEOUT, run_program
 
 STOP_SEQUENCES: tuple[str, ...] = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 MAX_NEW_TOKENS = 384
+BATCH_SIZE = 8  # prompts decoded together (`run_humaneval`)
 
 
 @dataclass(frozen=True)
@@ -70,17 +71,18 @@ def check(problem: dict[str, Any], completion: str, *, timeout: float = TIMEOUT)
 def complete(
     model: Any,
     tokenizer: Any,
-    problem: dict[str, Any],
+    problems: Sequence[dict[str, Any]],
     make_cache: Callable[[], Any] | None,
     *,
     max_new_tokens: int = MAX_NEW_TOKENS,
-) -> str:
-    """The greedy completion of `problem`'s prompt with a fresh `make_cache()` (None: dense)."""
-    from kvtuner.tasks.generation import greedy_text
+) -> list[str]:
+    """Greedy completions of `problems`' prompts, one batch with a fresh `make_cache()` (None:
+    dense)."""
+    from kvtuner.tasks.generation import greedy_texts
 
-    ids = tokenizer(problem["prompt"])["input_ids"]
-    return greedy_text(
-        model, tokenizer, ids, make_cache, max_new_tokens=max_new_tokens, stop=STOP_SEQUENCES
+    prompts = [tokenizer(problem["prompt"])["input_ids"] for problem in problems]
+    return greedy_texts(
+        model, tokenizer, prompts, make_cache, max_new_tokens=max_new_tokens, stop=STOP_SEQUENCES
     )
 
 
@@ -92,15 +94,30 @@ def run_humaneval(
     *,
     max_new_tokens: int = MAX_NEW_TOKENS,
     timeout: float = TIMEOUT,
+    batch_size: int = BATCH_SIZE,
     progress: bool = False,
     label: str = "humaneval",
 ) -> list[Outcome]:
-    """Complete and check every problem with the caches `make_cache()` builds (None: dense)."""
-    outcomes = []
-    for problem in tqdm(problems, desc=label, disable=not progress, leave=False):
-        completion = complete(model, tokenizer, problem, make_cache, max_new_tokens=max_new_tokens)
-        outcomes.append(check(problem, completion, timeout=timeout))
-    return outcomes
+    """Complete and check every problem with the caches `make_cache()` builds (None: dense).
+
+    Problems are completed `batch_size` at a time, in order of prompt length (less padding);
+    outcomes come back in the order of `problems`. Compare configs at the same batch size.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1; got {batch_size}")
+    order = sorted(range(len(problems)), key=lambda i: len(problems[i]["prompt"]))
+    outcomes: dict[int, Outcome] = {}
+    with tqdm(total=len(problems), desc=label, disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            group = [problems[i] for i in batch]
+            completions = complete(
+                model, tokenizer, group, make_cache, max_new_tokens=max_new_tokens
+            )
+            for i, problem, completion in zip(batch, group, completions):
+                outcomes[i] = check(problem, completion, timeout=timeout)
+            bar.update(len(batch))
+    return [outcomes[i] for i in range(len(problems))]
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,20 @@ def test_bfloat16_stores(scheme, spec):
     assert relative_error(fused, plain) <= 1e-4
 
 
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
+@pytest.mark.parametrize("prompt", [1, 2])
+@pytest.mark.parametrize("spec", [(4, 4), (4, 2)])  # K and V stacked in one store, or two
+def test_a_prompt_shorter_than_the_sinks_leaves_empty_stores(scheme, prompt, spec):
+    """Two tokens of prompt and one step: everything sits in the sinks (or KIVI's residual), the
+    packed stores are still empty, and the step attends to what is held (`kvtuner generate
+    --prompt Hi` crashed here)."""
+    layout = Layout(scheme=scheme, block_size=8, residual_length=8, sink_tokens=4)
+    layer = filled_layer(PrecisionPair(*spec), layout, prompt=prompt, steps=1)
+    assert layer.stores.seq_len == 0
+    fused, plain = both(layer, query())
+    assert relative_error(fused, plain) <= 1e-4
+
+
 def test_softcap_and_odd_head_dim():
     """Gemma 2's logit soft-capping, and a head of 80 channels (2-bit codes: 20 bytes a row)."""
     layout = Layout(scheme="per-token", group_size=None)

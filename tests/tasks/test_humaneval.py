@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvtuner.errors import ConfigError
 from kvtuner.tasks import humaneval
 from kvtuner.tasks.generation import cut_at_stop
 
@@ -64,3 +65,27 @@ def test_limit_must_be_positive():
 
     with pytest.raises(ConfigError, match="--limit"):
         humaneval.load_problems(limit=0)
+
+
+def test_batches_go_by_prompt_length_and_outcomes_keep_the_problems_order(monkeypatch):
+    """Completed 2 at a time, shortest prompts first; outcome i is problem i's."""
+    problems = humaneval.load_problems(limit=5)
+    batches = []
+
+    def complete(model, tokenizer, group, make_cache, max_new_tokens):
+        batches.append([p["task_id"] for p in group])
+        # the canonical solution for even problems, a wrong one for odd
+        return [
+            p["canonical_solution"] if int(p["task_id"].split("/")[1]) % 2 == 0 else "    pass\n"
+            for p in group
+        ]
+
+    monkeypatch.setattr(humaneval, "complete", complete)
+    outcomes = humaneval.run_humaneval(None, None, problems, None, batch_size=2)
+    assert [len(b) for b in batches] == [2, 2, 1]
+    by_id = {p["task_id"]: len(p["prompt"]) for p in problems}
+    assert [by_id[t] for b in batches for t in b] == sorted(by_id.values())
+    assert [o.task_id for o in outcomes] == [p["task_id"] for p in problems]
+    assert [o.passed for o in outcomes] == [True, False, True, False, True]
+    with pytest.raises(ConfigError, match="batch size"):
+        humaneval.run_humaneval(None, None, problems, None, batch_size=0)

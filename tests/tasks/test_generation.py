@@ -1,0 +1,66 @@
+"""Greedy decoding of several prompts as one left-padded batch (`kvtuner.tasks.generation`)."""
+
+import pytest
+from conftest import build_tiny_model, word_tokenizer
+
+import kvtuner
+from kvtuner.config import PrecisionConfig
+from kvtuner.tasks.generation import greedy_text, greedy_texts
+
+PROMPTS = ["w5 w9 w11", "w40 w41 w42 w43 w44 w45 w46", "w7 " * 12, "w100"]
+
+
+def ids(tokenizer, text):
+    return tokenizer(text.strip())["input_ids"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_padded_batch_continues_each_prompt_as_it_would_alone(arch):
+    """Dense cache: padding is masked out, so each row's greedy continuation is its own."""
+    model, tokenizer = build_tiny_model(arch), word_tokenizer()
+    prompts = [ids(tokenizer, p) for p in PROMPTS]
+    alone = [greedy_text(model, tokenizer, p, max_new_tokens=30) for p in prompts]
+    assert greedy_texts(model, tokenizer, prompts, max_new_tokens=30) == alone
+    assert len(set(alone)) > 1  # the rows really differ
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
+def test_quantized_rows_of_one_length_decode_as_they_would_alone(arch, scheme):
+    """kvtuner's cache quantizes each row on its own: without padding, a batch gives each row
+    what it gives alone (with padding, KIVI blocks and the smoothing warm-up count padded
+    positions, so rows may part from their lone runs late; tests/test_cache.py checks that
+    every row keeps its own first tokens as sinks)."""
+    model, tokenizer = build_tiny_model(arch), word_tokenizer()
+    precision = PrecisionConfig.uniform(
+        "KV4", model.config.num_hidden_layers, scheme=scheme, block_size=4, residual_length=4
+    )
+
+    def factory():
+        return kvtuner.quantized_cache(model, precision)
+
+    prompts = [ids(tokenizer, f"w{i} w{i + 7} w{i + 3} w{2 * i} w9 w{i + 1}") for i in (5, 20, 41)]
+    alone = [greedy_text(model, tokenizer, p, factory, max_new_tokens=30) for p in prompts]
+    assert greedy_texts(model, tokenizer, prompts, factory, max_new_tokens=30) == alone
+    padded = greedy_texts(
+        model, tokenizer, [prompts[0][:2], *prompts[1:]], factory, max_new_tokens=30
+    )
+    assert len(padded) == 3 and all(padded)  # a padded batch decodes too
+
+
+def test_each_row_stops_at_its_own_stop_text():
+    model, tokenizer = build_tiny_model("llama"), word_tokenizer()
+    prompts = [ids(tokenizer, p) for p in PROMPTS]
+    free = greedy_texts(model, tokenizer, prompts, max_new_tokens=20)
+    stop = free[0].split()[2]  # a word the first row writes third
+    cut = greedy_texts(model, tokenizer, prompts, max_new_tokens=20, stop=(stop,))
+    for full, short in zip(free, cut):
+        assert short == full[: full.find(stop)] if stop in full else short == full
+    assert len(cut[0].split()) == 2
+
+
+def test_an_empty_prompt_is_refused():
+    model, tokenizer = build_tiny_model("llama"), word_tokenizer()
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        greedy_texts(model, tokenizer, [[5, 6], []], max_new_tokens=3)
+    assert greedy_texts(model, tokenizer, [], max_new_tokens=3) == []
