@@ -7,7 +7,8 @@ quantized cache only where the model itself retrieves.
 
     python scripts/passkey_table.py --model smollm2-135m --contexts 4096,8000 --samples 2
 
-Writes docs/passkey/<model>.json and docs/passkey.md (every model's JSON found).
+Writes docs/passkey/<model>.json after every cache (a rerun with the same prompts continues where
+it stopped) and docs/passkey.md (every model's JSON found).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ CONFIGS = (
 def measure(
     model: str, contexts: list[int], samples: int, depths: list[float], labels: list[str]
 ) -> dict:
+    """Dense and each of `labels` on the same prompts. docs/passkey/<model>.json is rewritten
+    after every cache, and a rerun with the same prompts skips the caches it already holds, so a
+    long run can be stopped and continued."""
     import torch
 
     from kvtuner.cache import quantized_cache
@@ -39,28 +43,36 @@ def measure(
     torch.set_grad_enabled(False)
     loaded = load_model(model)
     prompts = make_prompts(loaded.tokenizer, contexts, depths, samples, seed=0)
-    results = {}
-    dense = answer_prompts(loaded.model, loaded.tokenizer, None, prompts, progress=True)
-    results["dense"] = dense.correct.tolist()
-    print(model, "dense", dense.groupby("context").correct.mean().to_dict(), flush=True)
-    for label, config, scheme in CONFIGS:
-        if label not in labels:
-            continue
-        source = config.format(model=model)
-
-        def make(source=source, scheme=scheme):
-            return quantized_cache(loaded.model, source, scheme=scheme)
-
-        trials = answer_prompts(loaded.model, loaded.tokenizer, make, prompts, progress=True)
-        results[label] = trials.correct.tolist()
-        print(model, label, trials.groupby("context").correct.mean().to_dict(), flush=True)
-    return {
+    result = {
         "model": model,
         "contexts": [p.context for p in prompts],
         "depths": [p.depth for p in prompts],
         "samples": samples,
-        "correct": results,
+        "correct": {},
     }
+    path = OUT / f"{model}.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        if all(before.get(k) == result[k] for k in ("contexts", "depths", "samples")):
+            result["correct"] = before["correct"]
+    done = result["correct"]
+    for label, config, scheme in (("dense", None, None), *CONFIGS):
+        if label in done or (label != "dense" and label not in labels):
+            continue
+        make = None
+        if config is not None:
+            source = config.format(model=model)
+
+            def make(source=source, scheme=scheme):
+                return quantized_cache(loaded.model, source, scheme=scheme)
+
+        trials = answer_prompts(loaded.model, loaded.tokenizer, make, prompts, progress=True)
+        done[label] = trials.correct.tolist()
+        print(model, label, trials.groupby("context").correct.mean().to_dict(), flush=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(path)
+    return result
 
 
 def table(results: list[dict]) -> str:
@@ -102,8 +114,7 @@ def main() -> None:
     if not args.table:
         contexts = [int(c) for c in args.contexts.split(",")]
         depths = [float(d) for d in args.depths.split(",")]
-        result = measure(args.model, contexts, args.samples, depths, args.configs.split(","))
-        (OUT / f"{args.model}.json").write_text(json.dumps(result, indent=1) + "\n")
+        measure(args.model, contexts, args.samples, depths, args.configs.split(","))
     results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
     text = "\n".join(
         [

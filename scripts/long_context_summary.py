@@ -1,0 +1,115 @@
+"""The README's long-context summary: held-out KL of uniform and shipped configs at each measured
+context, per model and scheme, and pass-key retrieval beside dense's.
+
+Reads what `scripts/long_context.py` and `scripts/passkey_table.py` wrote (docs/long-context/
+<model>_<context>.json, docs/passkey/<model>.json) and puts the two tables between the README's
+`<!-- results:long-context:start/end -->` markers; measures nothing.
+
+    python scripts/long_context_summary.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvtuner.tables import update_readme
+
+KL_DIR = Path("docs/long-context")
+PASSKEY_DIR = Path("docs/passkey")
+CONFIGS = ("KV8", "KV4", "K4V2", "kvtuner_c4.0", "kvtuner_c5.0")
+HEADERS = ("KV8", "KV4", "K4V2", "shipped C4.0", "shipped C5.0")
+PASSKEY = ("dense", "KV4", "C4.0 per-token", "C4.0 KIVI")
+
+
+def kl(value: float, stderr: float) -> str:
+    """Three decimals, four below 0.01 (so KV8's 0.0003 is not shown as 0)."""
+    digits = 4 if value < 0.01 else 3
+    return f"{value:.{digits}f} ± {stderr:.{digits}f}"
+
+
+def kl_table(results: list[dict]) -> str:
+    """One row per model, scheme and context: KL ± s.e. (effective bits) of each config."""
+    lines = [
+        "| model / scheme | context | " + " | ".join(HEADERS) + " |",
+        "|---|---:|" + "---:|" * len(HEADERS),
+    ]
+    order = sorted(results, key=lambda r: (r["model"], r["context"]))
+    for scheme in ("per-token", "kivi"):
+        for result in order:
+            rows = {r["config"]: r for r in result["rows"] if r["scheme"] == scheme}
+            if not rows:
+                continue
+            cells = []
+            for config in CONFIGS:
+                row = rows.get(config)
+                cells.append(
+                    "-"
+                    if row is None
+                    else f"{kl(row['kl'], row['kl_stderr'])} ({row['effective_bits']:.1f})"
+                )
+            name = "KIVI" if scheme == "kivi" else scheme
+            lines.append(
+                f"| {result['model']} / {name} | {result['context']} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines)
+
+
+def passkey_table(results: list[dict]) -> str:
+    """One row per model and context: accuracy, and (configs) of dense's hits how many are kept."""
+    lines = [
+        "| model | context | trials | " + " | ".join(PASSKEY) + " |",
+        "|---|---:|---:|" + "---:|" * len(PASSKEY),
+    ]
+    for result in sorted(results, key=lambda r: r["model"]):
+        contexts, correct = result["contexts"], result["correct"]
+        for context in sorted(set(contexts)):
+            index = [i for i, c in enumerate(contexts) if c == context]
+            dense = [correct["dense"][i] for i in index]
+            cells = [f"{sum(dense) / len(dense):.2f}"]
+            for label in PASSKEY[1:]:
+                if label not in correct:
+                    cells.append("-")
+                    continue
+                got = [correct[label][i] for i in index]
+                kept = [g for g, d in zip(got, dense) if d]
+                cells.append(
+                    f"{sum(got) / len(got):.2f} ({sum(kept)}/{len(kept)})"
+                    if kept
+                    else f"{sum(got) / len(got):.2f}"
+                )
+            lines.append(
+                f"| {result['model']} | {context} | {len(index)} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    # not the calibration-context studies (study_*.json)
+    kl = [json.loads(p.read_text()) for p in sorted(KL_DIR.glob("*.json")) if "study" not in p.name]
+    passkey = [json.loads(p.read_text()) for p in sorted(PASSKEY_DIR.glob("*.json"))]
+    block = "\n".join(
+        [
+            "Held-out KL, nats per token ± s.e. (effective bits at 4096 tokens), 4 samples per "
+            "context ([docs/long-context.md](docs/long-context.md), `python scripts/long_context.py "
+            "--model M --contexts C --samples 4`):",
+            "",
+            kl_table(kl),
+            "",
+            "Pass-key retrieval, accuracy over depths 0-100 % (in brackets: of the trials dense "
+            "gets right, how many the config keeps; [docs/passkey.md](docs/passkey.md), `python "
+            "scripts/passkey_table.py --model M --contexts C1,C2 --samples 1`):",
+            "",
+            passkey_table(passkey),
+            "",
+            "Regenerate both tables: `python scripts/long_context_summary.py`.",
+        ]
+    )
+    missing = update_readme("README.md", {"long-context": block})
+    if missing:
+        raise SystemExit("README.md has no <!-- results:long-context:start/end --> markers")
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
