@@ -13,7 +13,8 @@ different codes from then on; in the lossy per-token configs (Gemma 3's C4.0) th
 that part by up to 0.5 logits (26 to 29 of 32 teacher-forced choices agreed, by build flags).
 That is the config's quantization noise, not the kernel's error. Here only the new token's own
 codes can round differently; with KIVI the new token waits in the full-precision residual, so
-the logits agree within `KIVI_LOGITS` (measured: 5e-5 or less on all three models).
+the logits agree within `KIVI_LOGITS` (measured: at most 5.3e-5 on the three models; all 24
+cases agree at all 32 steps).
 Attention outputs themselves agree within 1e-4 on random stores (tests/attention/test_decode.py).
 """
 
