@@ -178,7 +178,6 @@ def eval_command(
         return
     if task == "humaneval":
         from kvtuner.cli import eval_humaneval
-        from kvtuner.tasks import humaneval
         from kvtuner.tasks.sandbox import TIMEOUT
 
         eval_humaneval.run(
@@ -188,7 +187,7 @@ def eval_command(
             limit=limit,
             max_new_tokens=max_new_tokens,
             timeout=TIMEOUT if timeout is None else timeout,
-            batch_size=batch_size or humaneval.BATCH_SIZE,
+            batch_size=batch_size,
             device=device,
             dtype=dtype,
             quantize_prefill=quantize_prefill,

@@ -18,7 +18,7 @@ def run(
     limit: int | None,
     max_new_tokens: int | None,
     timeout: float,
-    batch_size: int,
+    batch_size: int | None,
     device: str,
     dtype: str | None,
     quantize_prefill: bool,
@@ -42,7 +42,7 @@ def run(
     settings = dict(
         max_new_tokens=max_new_tokens or humaneval.MAX_NEW_TOKENS,
         timeout=timeout,
-        batch_size=batch_size,
+        batch_size=batch_size or humaneval.BATCH_SIZE,
         progress=not json,
     )
     dense = humaneval.run_humaneval(
@@ -66,7 +66,7 @@ def run(
         **{k: v for k, v in paired.items() if k != "per_problem"},
         "max_new_tokens": settings["max_new_tokens"],
         "timeout": timeout,
-        "batch_size": batch_size,
+        "batch_size": settings["batch_size"],
         "quantize_prefill": quantize_prefill,
         "per_problem": paired["per_problem"],
     }

@@ -67,8 +67,9 @@ def greedy_texts(
     """Greedy continuations of `prompts`, decoded as one left-padded batch, each cut at the first
     of `stop`; a row that has stopped waits (padding) until all have, or `max_new_tokens`.
 
-    One batch reads the weights once per step for every row: on a CPU, 8 prompts decode in about
-    the time of 2 or 3 alone. A row's greedy choices can differ from the same prompt alone where
+    One batch reads the weights once per step for every row, but lasts as long as its longest
+    continuation: on 2 CPU cores, 16 HumanEval prompts took 94 s in batches of 8 against 169 s one
+    by one (Qwen2.5-Coder-0.5B). A row's greedy choices can differ from the same prompt alone where
     two logits tie within float rounding (padding changes the shapes of the matrix products), so
     compare configs at the same batch size.
     """
