@@ -75,8 +75,12 @@ def measure(
     return result
 
 
-def table(results: list[dict]) -> str:
-    labels = ["dense", *(c[0] for c in CONFIGS if any(c[0] in r["correct"] for r in results))]
+def table(results: list[dict], configs: list[str] | None = None) -> str:
+    """One row per model and context: dense's accuracy, and each config's with (of dense's hits,
+    how many it keeps); `configs` picks the columns (default: every config measured)."""
+    if configs is None:
+        configs = [c[0] for c in CONFIGS if any(c[0] in r["correct"] for r in results)]
+    labels = ["dense", *configs]
     lines = [
         "| model | context | trials | " + " | ".join(labels) + " |",
         "|---|---:|---:|" + "---:|" * len(labels),
