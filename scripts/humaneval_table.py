@@ -34,6 +34,7 @@ CONFIGS = {
 def dense_outcomes(loaded, model: str, problems, limit: int, batch_size: int):
     """Dense completions, checked; kept in docs/humaneval/dense/ and reused by later runs with the
     same problems and batch size (so configs can be run a few at a time)."""
+    from kvtuner.io import atomic_write_text
     from kvtuner.tasks import humaneval
 
     path = OUT / "dense" / f"{model}_limit{limit}_b{batch_size}.json"
@@ -44,9 +45,7 @@ def dense_outcomes(loaded, model: str, problems, limit: int, batch_size: int):
         progress=True,
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([o.__dict__ for o in outcomes], indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps([o.__dict__ for o in outcomes], indent=1) + "\n")
     return outcomes
 
 

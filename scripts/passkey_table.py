@@ -37,6 +37,7 @@ def measure(
     import torch
 
     from kvtuner.cache import quantized_cache
+    from kvtuner.io import atomic_write_text
     from kvtuner.models import load_model
     from kvtuner.tasks.passkey import answer_prompts, make_prompts
 
@@ -69,9 +70,7 @@ def measure(
         trials = answer_prompts(loaded.model, loaded.tokenizer, make, prompts, progress=True)
         done[label] = trials.correct.tolist()
         print(model, label, trials.groupby("context").correct.mean().to_dict(), flush=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     return result
 
 
