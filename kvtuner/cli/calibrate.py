@@ -22,9 +22,14 @@ from kvtuner.cli.common import (
 )
 from kvtuner.cli.targets import TARGET_HELP
 
+# options of the e_o calibration that `--target` (single-layer KL of an engine's formats) has no use for
+E_O_ONLY = ("scheme", "samples", "seq_len", "query_tokens", "bits", "group_size", "block_size",
+            "residual_length", "sink_tokens", "smooth", "layer_kl", "additivity")  # fmt: skip
+
 
 @app.command()
 def calibrate(
+    ctx: typer.Context,
     model: ModelOption = DEFAULT_MODEL,
     scheme: SchemeOption = defaults.SCHEME,
     text: Annotated[
@@ -130,6 +135,7 @@ def calibrate(
     if target is not None:
         from kvtuner.cli.targets import calibrate_target
 
+        check_target_options(ctx)
         calibrate_target(
             model=model,
             target=target,
@@ -201,6 +207,25 @@ def calibrate(
         emit_json(summary)
     else:
         typer.echo(render(summary))
+
+
+def check_target_options(ctx: typer.Context) -> None:
+    """ConfigError naming the e_o options given with `--target`: they would be silently ignored."""
+    from kvtuner.errors import ConfigError
+
+    # by name: typer may bring its own copy of click's ParameterSource enum
+    given = [
+        name
+        for name in E_O_ONLY
+        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT")
+        not in ("DEFAULT", "DEFAULT_MAP")
+    ]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ConfigError(
+            f"{flags}: not used with --target (it measures the engine's own formats; "
+            "set its samples and context with --layer-kl-samples and --layer-kl-context)"
+        )
 
 
 def summarize(result: Any, paths: dict[str, Path]) -> dict[str, Any]:

@@ -141,3 +141,21 @@ def test_search_target_seeds_with_the_knapsack_resumes_and_exports(root, capsys,
     assert main(["export", "--model", str(root / "tiny64"), "--target", "vllm",
                  "--study-name", "tiny64-modelopt", "--out", str(tmp_path)]) == 2  # fmt: skip
     assert "searched for target 'modelopt', not 'vllm'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--samples", "3"], "--samples"),
+        (["--scheme", "kivi", "--no-smooth"], "--scheme, --smooth"),
+    ],
+)
+def test_e_o_options_with_a_target_are_refused_not_ignored(root, capsys, extra, named):
+    args = ["calibrate", "--model", str(root / "tiny64"), "--target", "vllm", *extra,
+            "--text", str(root / "words.txt"), "--out", str(root / "refused")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(
+        f"kvtuner: error: {named}: not used with --target"
+    )
+    assert not (root / "refused").exists()
