@@ -7,8 +7,10 @@ quantized cache only where the model itself retrieves.
 
     python scripts/passkey_table.py --model smollm2-135m --contexts 4096,8000 --samples 2
 
-Writes docs/passkey/<model>.json after every cache (a rerun with the same prompts continues where
-it stopped) and docs/passkey.md (every model's JSON found).
+Every cache answers each prompt after one shared prompt forward (kvtuner's prefill is exact), so a
+prompt costs one prefill whatever the number of configs. Writes docs/passkey/<model>.json after
+every prompt (every trial measured so far, keyed by context, depth and sample: a stopped run
+continues, and new contexts or configs add to it) and docs/passkey.md (every model's JSON found).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 OUT = Path("docs/passkey")
 CONFIGS = (
@@ -28,12 +32,26 @@ CONFIGS = (
 )
 
 
+def trial_keys(result: dict) -> list[tuple[int, float, int]]:
+    """(context, depth, sample) of each trial of a saved result (older files: samples in order)."""
+    if "sample" in result:
+        return list(zip(result["contexts"], result["depths"], result["sample"]))
+    seen: dict[tuple[int, float], int] = {}
+    keys = []
+    for context, depth in zip(result["contexts"], result["depths"]):
+        keys.append((context, depth, seen.get((context, depth), 0)))
+        seen[(context, depth)] = keys[-1][2] + 1
+    return keys
+
+
 def measure(
     model: str, contexts: list[int], samples: int, depths: list[float], labels: list[str]
 ) -> dict:
-    """Dense and each of `labels` on the same prompts. docs/passkey/<model>.json is rewritten
-    after every cache, and a rerun with the same prompts skips the caches it already holds, so a
-    long run can be stopped and continued."""
+    """Dense and each of `labels` on the same prompts, one prompt forward for all caches
+    (`kvtuner.tasks.passkey.answer_prompts`). docs/passkey/<model>.json holds every trial measured
+    so far, keyed by (context, depth, sample) (prompts are seeded per cell): a run adds the cells
+    and caches it lacks and rewrites the file after every prompt, so a long run can be stopped and
+    continued, and a new context adds to the table instead of replacing it."""
     import torch
 
     from kvtuner.cache import quantized_cache
@@ -43,40 +61,64 @@ def measure(
 
     torch.set_grad_enabled(False)
     loaded = load_model(model)
-    prompts = make_prompts(loaded.tokenizer, contexts, depths, samples, seed=0)
-    result = {
-        "model": model,
-        "contexts": [p.context for p in prompts],
-        "depths": [p.depth for p in prompts],
-        "samples": samples,
-        "correct": {},
-    }
     path = OUT / f"{model}.json"
+    known: dict[str, dict[tuple, bool]] = {}
     if path.exists():
         before = json.loads(path.read_text())
-        if all(before.get(k) == result[k] for k in ("contexts", "depths", "samples")):
-            result["correct"] = before["correct"]
-    done = result["correct"]
-    for label, config, scheme in (("dense", None, None), *CONFIGS):
-        if label in done or (label != "dense" and label not in labels):
-            continue
-        make = None
-        if config is not None:
-            source = config.format(model=model)
+        for label, values in before["correct"].items():
+            known[label] = {
+                k: v for k, v in zip(trial_keys(before), values, strict=True) if v is not None
+            }
+    wanted = ["dense", *[c[0] for c in CONFIGS if c[0] in labels]]
+    sources = {label: (config, scheme) for label, config, scheme in CONFIGS}
+    prompts = make_prompts(loaded.tokenizer, contexts, depths, samples, seed=0)
 
-            def make(source=source, scheme=scheme):
-                return quantized_cache(loaded.model, source, scheme=scheme)
+    def factory(label):
+        if label == "dense":
+            return None
+        config, scheme = sources[label]
+        source = config.format(model=model)
+        return lambda: quantized_cache(loaded.model, source, scheme=scheme)
 
-        trials = answer_prompts(loaded.model, loaded.tokenizer, make, prompts, progress=True)
-        done[label] = trials.correct.tolist()
-        print(model, label, trials.groupby("context").correct.mean().to_dict(), flush=True)
+    def save() -> dict:
+        keys = sorted({k for values in known.values() for k in values})
+        result = {
+            "model": model,
+            "contexts": [k[0] for k in keys],
+            "depths": [k[1] for k in keys],
+            "sample": [k[2] for k in keys],
+            "correct": {
+                label: [known[label].get(k) for k in keys]
+                for label in ["dense", *[c[0] for c in CONFIGS]]
+                if label in known
+            },
+        }
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        return result
+
+    result = save() if known else {}
+    for prompt in tqdm(prompts, desc=f"{model} pass-key"):
+        key = (prompt.context, prompt.depth, prompt.sample)
+        missing = [label for label in wanted if key not in known.get(label, {})]
+        if not missing:
+            continue
+        trials = answer_prompts(
+            loaded.model, loaded.tokenizer, {label: factory(label) for label in missing}, [prompt]
+        )
+        for label, correct in zip(trials["cache"], trials["correct"]):
+            known.setdefault(label, {})[key] = bool(correct)
+        tqdm.write(
+            f"{model} {key}: "
+            + ", ".join(f"{c}={int(v)}" for c, v in zip(trials["cache"], trials["correct"]))
+        )
+        result = save()
     return result
 
 
 def table(results: list[dict], configs: list[str] | None = None) -> str:
     """One row per model and context: dense's accuracy, and each config's with (of dense's hits,
-    how many it keeps); `configs` picks the columns (default: every config measured)."""
+    how many it keeps; "-" where it was not run at that context, and its trial count where it ran
+    on only some of them); `configs` picks the columns (default: every config measured)."""
     if configs is None:
         configs = [c[0] for c in CONFIGS if any(c[0] in r["correct"] for r in results)]
     labels = ["dense", *configs]
@@ -91,13 +133,16 @@ def table(results: list[dict], configs: list[str] | None = None) -> str:
             dense = [result["correct"]["dense"][i] for i in index]
             cells = [f"{sum(dense) / len(dense):.2f}"]
             for label in labels[1:]:
-                if label not in result["correct"]:
+                values = result["correct"].get(label, [None] * len(contexts))
+                pairs = [(values[i], d) for i, d in zip(index, dense) if values[i] is not None]
+                if not pairs:  # not measured at this context
                     cells.append("-")
                     continue
-                got = [result["correct"][label][i] for i in index]
-                where = [g for g, d in zip(got, dense) if d]
+                where = [g for g, d in pairs if d]
                 kept = f"{sum(where)}/{len(where)}" if where else "-"
-                cells.append(f"{sum(got) / len(got):.2f} ({kept})")
+                share = sum(g for g, _ in pairs) / len(pairs)
+                partial = "" if len(pairs) == len(index) else f", {len(pairs)} trials"
+                cells.append(f"{share:.2f} ({kept}{partial})")
             lines.append(
                 f"| {result['model']} | {context} | {len(index)} | " + " | ".join(cells) + " |"
             )

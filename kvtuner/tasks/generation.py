@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
-from kvtuner.compat import with_cache
+from kvtuner.compat import cache_kwarg, text_config, with_cache
 
 # a fresh cache per prompt; None: the model's own dense cache
 CacheFactory = Callable[[], Any] | None
@@ -99,3 +99,87 @@ def greedy_texts(
     out = model.generate(**kwargs)
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [cut_at_stop(text, stop) for text in texts]
+
+
+class _PrefillTee(DynamicCache):
+    """A dense cache that hands every layer's new keys and values to `followers` as well (the
+    prompt's forward); `followers = []` makes it a plain dense cache again."""
+
+    def __init__(self, followers: Sequence[Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.followers = list(followers)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        for cache in self.followers:
+            cache.update(key_states, value_states, layer_idx, *args, **kwargs)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def _exact_prefill(cache: Any) -> bool:
+    """Whether `cache` stores the prompt without changing what the prompt's forward attends to."""
+    layers = getattr(cache, "layers", ())
+    return all(not getattr(layer, "quantize_prefill", False) for layer in layers)
+
+
+@torch.inference_mode()
+def greedy_text_per_cache(
+    model: Any,
+    tokenizer: Any,
+    input_ids: Sequence[int],
+    factories: Sequence[CacheFactory],
+    *,
+    max_new_tokens: int,
+) -> list[str]:
+    """The greedy continuation of one prompt with each of `factories`' caches (None: dense), the
+    prompt's forward run once for all of them.
+
+    kvtuner's prefill is exact (the prompt attends to its own keys and values in full precision;
+    only what is stored is quantized), so the prompt's forward, its last logits and the keys and
+    values each layer stores are the same whatever the cache. One forward with a dense cache hands
+    each layer's keys and values to every other cache as it goes; each cache then decodes on its
+    own. The continuations are `greedy_text`'s for each cache (tests/tasks/test_generation.py), at
+    one prefill instead of one a cache: long prompts with short answers (pass-key) cost about
+    1/len(factories) of the time. A cache that quantizes its prefill runs alone (`greedy_text`).
+    """
+    if not len(input_ids):
+        raise ValueError("prompt 0 is empty")
+    device = next(model.parameters()).device
+    built = [None if make is None else make() for make in factories]
+    shared = [c for c in built if c is not None and _exact_prefill(c)]
+    dense = _PrefillTee(shared, config=text_config(model.config))
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
+    key = cache_kwarg(model)
+    first = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: dense}).logits[0, -1]
+    dense.followers = []
+    first_token = int(first.argmax())
+    stops = _eos_ids(model)
+    texts = []
+    for cache in built:
+        if cache is not None and not _exact_prefill(cache):
+            texts.append(
+                greedy_text(
+                    model, tokenizer, input_ids, lambda c=cache: c, max_new_tokens=max_new_tokens
+                )
+            )
+            continue
+        cache = dense if cache is None else cache
+        tokens = [first_token]
+        while len(tokens) < max_new_tokens and tokens[-1] not in stops:
+            step = torch.tensor([[tokens[-1]]], dtype=torch.long, device=device)
+            logits = model(input_ids=step, use_cache=True, logits_to_keep=1, **{key: cache}).logits
+            tokens.append(int(logits[0, -1].argmax()))
+        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return texts
+
+
+def _eos_ids(model: Any) -> set[int]:
+    """The token ids that end a generation (the generation config's, else the model config's)."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}

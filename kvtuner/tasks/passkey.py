@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,34 +193,39 @@ def answer_digits(text: str) -> str | None:
 def answer_prompts(
     model: Any,
     tokenizer: Any,
-    make_cache: Callable[[], Any] | None,
+    caches: Mapping[str, Callable[[], Any] | None],
     prompts: Sequence[PasskeyPrompt],
     *,
     max_new_tokens: int = ANSWER_TOKENS,
     progress: bool = False,
     label: str = "passkey",
 ) -> pd.DataFrame:
-    """Answer every prompt greedily with a fresh `make_cache()` (None: dense): one row a trial,
-    columns context, depth, actual_depth, sample, key, answer, correct."""
-    from kvtuner.tasks.generation import greedy_text
+    """Answer every prompt greedily with each of `caches` (name -> a factory of fresh caches; None:
+    dense), the prompt's forward run once for all of them (`greedy_text_per_cache`; the prefill is
+    exact, so every cache stores what its own prefill would). One row a trial, grouped by cache in
+    the order given: columns cache, context, depth, actual_depth, sample, key, answer, correct."""
+    from kvtuner.tasks import generation
 
-    rows = []
+    names, factories = list(caches), list(caches.values())
+    rows: dict[str, list[dict]] = {name: [] for name in names}
     for prompt in tqdm(prompts, desc=label, disable=not progress, leave=False):
-        answer = greedy_text(
-            model, tokenizer, prompt.input_ids, make_cache, max_new_tokens=max_new_tokens
+        answers = generation.greedy_text_per_cache(
+            model, tokenizer, prompt.input_ids, factories, max_new_tokens=max_new_tokens
         )
-        rows.append(
-            {
-                "context": prompt.context,
-                "depth": prompt.depth,
-                "actual_depth": prompt.actual_depth,
-                "sample": prompt.sample,
-                "key": prompt.key,
-                "answer": answer,
-                "correct": answer_digits(answer) == prompt.key,
-            }
-        )
-    return pd.DataFrame(rows)
+        for name, answer in zip(names, answers):
+            rows[name].append(
+                {
+                    "cache": name,
+                    "context": prompt.context,
+                    "depth": prompt.depth,
+                    "actual_depth": prompt.actual_depth,
+                    "sample": prompt.sample,
+                    "key": prompt.key,
+                    "answer": answer,
+                    "correct": answer_digits(answer) == prompt.key,
+                }
+            )
+    return pd.DataFrame([row for name in names for row in rows[name]])
 
 
 @dataclass(frozen=True)
@@ -274,18 +279,14 @@ def run_passkey(
     progress: bool = False,
 ) -> PasskeyResult:
     """Pass-key accuracy per (context, depth) of the caches `make_cache()` builds, beside the
-    dense cache's on the same prompts (dense first)."""
+    dense cache's on the same prompts (dense's rows first; one prompt forward serves both)."""
     prompts = make_prompts(tokenizer, contexts, depths, samples, seed=seed, text=text)
-    frames = []
-    for cache, factory in (("dense", None), ("quantized", make_cache)):
-        trials = answer_prompts(
-            model,
-            tokenizer,
-            factory,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            progress=progress,
-            label=f"passkey ({cache})",
-        )
-        frames.append(trials.assign(cache=cache))
-    return PasskeyResult(pd.concat(frames, ignore_index=True))
+    trials = answer_prompts(
+        model,
+        tokenizer,
+        {"dense": None, "quantized": make_cache},
+        prompts,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
+    return PasskeyResult(trials)

@@ -5,7 +5,7 @@ from conftest import build_tiny_model, word_tokenizer
 
 import kvtuner
 from kvtuner.config import PrecisionConfig
-from kvtuner.tasks.generation import greedy_text, greedy_texts
+from kvtuner.tasks.generation import greedy_text, greedy_text_per_cache, greedy_texts
 
 PROMPTS = ["w5 w9 w11", "w40 w41 w42 w43 w44 w45 w46", "w7 " * 12, "w100"]
 
@@ -64,3 +64,31 @@ def test_an_empty_prompt_is_refused():
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         greedy_texts(model, tokenizer, [[5, 6], []], max_new_tokens=3)
     assert greedy_texts(model, tokenizer, [], max_new_tokens=3) == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_one_shared_prefill_gives_each_cache_its_own_continuation(arch):
+    """greedy_text_per_cache runs the prompt once for every cache: each continuation is the one
+    the cache gives alone (greedy_text), for dense, both schemes and a cache quantizing its prefill."""
+    model, tokenizer = build_tiny_model(arch), word_tokenizer()
+    layers = model.config.num_hidden_layers
+
+    def factory(spec, scheme, **kwargs):
+        precision = PrecisionConfig.uniform(
+            spec, layers, scheme=scheme, block_size=4, residual_length=4
+        )
+        return lambda: kvtuner.quantized_cache(model, precision, **kwargs)
+
+    factories = [
+        None,
+        factory("KV4", "per-token"),
+        factory("KV2", "per-token"),
+        factory("K2V4", "kivi"),
+        factory("KV2", "per-token", quantize_prefill=True),
+    ]
+    for text in ("w3 w8 w1 w30 w2 w9 w17 w5 w4 w11 w12 w40 w41 w3 w8 w1", "w6 " * 20):
+        prompt = ids(tokenizer, text)
+        alone = [greedy_text(model, tokenizer, prompt, f, max_new_tokens=12) for f in factories]
+        shared = greedy_text_per_cache(model, tokenizer, prompt, factories, max_new_tokens=12)
+        assert shared == alone
+    assert len(set(alone)) > 1  # the caches really differ

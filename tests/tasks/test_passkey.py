@@ -118,9 +118,10 @@ def test_answers_score_on_the_first_run_of_digits(monkeypatch):
         for p in prompts
     }
     monkeypatch.setattr(
-        "kvtuner.tasks.generation.greedy_text", lambda m, t, ids, f, **kw: answers[tuple(ids)]
+        "kvtuner.tasks.generation.greedy_text_per_cache",
+        lambda m, t, ids, factories, **kw: [answers[tuple(ids)]] * len(factories),
     )
-    trials = passkey.answer_prompts(None, Chars(), None, prompts)
+    trials = passkey.answer_prompts(None, Chars(), {"dense": None}, prompts)
     assert list(trials["correct"]) == [True] * 6 + [False] * 2
     result = passkey.PasskeyResult(
         pd.concat(
