@@ -101,13 +101,16 @@ def stderr(values: Sequence[float]) -> float:
 PREFILL_CHUNK = 4096  # tokens a prefill forward takes at once: long contexts in bounded memory
 
 
-def prefill(model: Any, input_ids: torch.Tensor, cache: Any, chunk: int = PREFILL_CHUNK) -> None:
-    """The prefill of the protocol: all but the last context token into `cache`, `chunk` tokens a
-    forward, so the activations and the attention mask of a 16k-token context stay bounded."""
+def prefill(model: Any, input_ids: torch.Tensor, cache: Any, chunk: int = PREFILL_CHUNK) -> Any:
+    """`input_ids` into `cache`, `chunk` tokens a forward, so the activations and the attention
+    mask of a 16k-token context stay bounded; returns the last forward's output (logits of the
+    last position only). The protocol's prefill is all but the last context token."""
+    out = None
     for start in range(0, input_ids.shape[1], chunk):
-        # prefill logits are never scored: keep one position to skip the vocabulary projection
+        # only the last position's logits can be used: skip the vocabulary projection elsewhere
         ids = input_ids[:, start : start + chunk]
-        model(**with_cache(model, cache, input_ids=ids, use_cache=True, logits_to_keep=1))
+        out = model(**with_cache(model, cache, input_ids=ids, use_cache=True, logits_to_keep=1))
+    return out
 
 
 def chunk_logits(
@@ -158,6 +161,11 @@ class RecordingCache(DynamicCache):
                 keys = torch.cat([k for k, _ in chunks], dim=-2)
                 self._chunks[layer] = [(keys, torch.cat([v for _, v in chunks], dim=-2))]
         return {layer: chunks[0] for layer, chunks in self._chunks.items()}
+
+    def forget(self) -> None:
+        """Stop recording and drop the recording (the cache itself stays)."""
+        self.recording = False
+        self._chunks = {}
 
 
 def replay(cache: Any, recorded: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:

@@ -21,7 +21,9 @@ KL_DIR = Path("docs/long-context")
 PASSKEY_DIR = Path("docs/passkey")
 CONFIGS = ("KV8", "KV4", "K4V2", "kvtuner_c4.0", "kvtuner_c5.0")
 HEADERS = ("KV8", "KV4", "K4V2", "shipped C4.0", "shipped C5.0")
-PASSKEY = ["KV4", "C4.0 per-token", "C4.0 KIVI"]  # beside dense
+PASSKEY = [  # beside dense
+    "KV8", "KV4", "K4V2", "C4.0 per-token", "C5.0 per-token", "KV4 KIVI", "C4.0 KIVI", "C5.0 KIVI"
+]  # fmt: skip
 
 
 def kl(value: float, stderr: float) -> str:

@@ -27,8 +27,10 @@ CONFIGS = (
     ("KV4", "KV4", "per-token"),
     ("K4V2", "K4V2", "per-token"),
     ("C4.0 per-token", "searched_configs/{model}/per-token/kvtuner_c4.0.yaml", None),
-    ("C4.0 KIVI", "searched_configs/{model}/kivi/kvtuner_c4.0.yaml", None),
+    ("C5.0 per-token", "searched_configs/{model}/per-token/kvtuner_c5.0.yaml", None),
     ("KV4 KIVI", "KV4", "kivi"),
+    ("C4.0 KIVI", "searched_configs/{model}/kivi/kvtuner_c4.0.yaml", None),
+    ("C5.0 KIVI", "searched_configs/{model}/kivi/kvtuner_c5.0.yaml", None),
 )
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kvtuner.compat import cache_kwarg, text_config, with_cache
 
@@ -101,28 +101,6 @@ def greedy_texts(
     return [cut_at_stop(text, stop) for text in texts]
 
 
-class _PrefillTee(DynamicCache):
-    """A dense cache that hands every layer's new keys and values to `followers` as well (the
-    prompt's forward); `followers = []` makes it a plain dense cache again."""
-
-    def __init__(self, followers: Sequence[Any], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.followers = list(followers)
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        for cache in self.followers:
-            cache.update(key_states, value_states, layer_idx, *args, **kwargs)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-
-def _exact_prefill(cache: Any) -> bool:
-    """Whether `cache` stores the prompt without changing what the prompt's forward attends to."""
-    layers = getattr(cache, "layers", ())
-    return all(not getattr(layer, "quantize_prefill", False) for layer in layers)
-
-
 @torch.inference_mode()
 def greedy_text_per_cache(
     model: Any,
@@ -137,27 +115,36 @@ def greedy_text_per_cache(
 
     kvtuner's prefill is exact (the prompt attends to its own keys and values in full precision;
     only what is stored is quantized), so the prompt's forward, its last logits and the keys and
-    values each layer stores are the same whatever the cache. One forward with a dense cache hands
-    each layer's keys and values to every other cache as it goes; each cache then decodes on its
-    own. The continuations are `greedy_text`'s for each cache (tests/tasks/test_generation.py), at
-    one prefill instead of one a cache: long prompts with short answers (pass-key) cost about
-    1/len(factories) of the time. A cache that quantizes its prefill runs alone (`greedy_text`).
+    values each layer stores are the same whatever the cache. The prompt runs once into a dense
+    cache that records each layer's keys and values, in chunks of `kvtuner.evaluate.PREFILL_CHUNK`
+    tokens (bounded memory at 16k); every other cache is filled from the recording through its
+    own `update` (`kvtuner.evaluate.replay`, as the KL evaluation does) and decodes on its own.
+    Up to one chunk of prompt, the continuations are `greedy_text`'s for each cache
+    (tests/tasks/test_generation.py); longer prompts differ from one whole-prompt forward by float
+    rounding only. A prompt costs one prefill instead of one a cache: pass-key prompts (long
+    prompt, short answer) about 1/len(factories) of the time. A cache that quantizes its prefill
+    runs alone (`greedy_text`).
     """
+    from kvtuner.evaluate import RecordingCache, prefill, replay, replayable
+
     if not len(input_ids):
         raise ValueError("prompt 0 is empty")
     device = next(model.parameters()).device
     built = [None if make is None else make() for make in factories]
-    shared = [c for c in built if c is not None and _exact_prefill(c)]
-    dense = _PrefillTee(shared, config=text_config(model.config))
+    dense = RecordingCache(config=text_config(model.config))
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
+    first_token = int(prefill(model, ids, dense).logits[0, -1].argmax())
+    recorded = dense.recorded  # stops recording: dense decodes on as a plain DynamicCache
+    for cache in built:
+        if cache is not None and replayable(cache):
+            replay(cache, recorded)
+    del recorded
+    dense.forget()
     key = cache_kwarg(model)
-    first = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: dense}).logits[0, -1]
-    dense.followers = []
-    first_token = int(first.argmax())
     stops = _eos_ids(model)
     texts = []
     for cache in built:
-        if cache is not None and not _exact_prefill(cache):
+        if cache is not None and not replayable(cache):
             texts.append(
                 greedy_text(
                     model, tokenizer, input_ids, lambda c=cache: c, max_new_tokens=max_new_tokens
