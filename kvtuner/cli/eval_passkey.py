@@ -135,12 +135,13 @@ def summarize(
 def render(summary: dict[str, Any]) -> str:
     """Accuracy per context, the config's beside dense's."""
     config = summary["config"]
+    column = Path(config).name  # a config file's name, not its whole path, heads the column
     depths = ",".join(f"{d:g}" for d in summary["depths"])
-    width = max(len(config), 8)
+    width = max(len(column), 8)
     lines = [
         f"{summary['model']}  {config}  ({summary['scheme']})  pass-key retrieval",
         f"{summary['samples']} prompt(s) per context and depth; depths {depths}%",
-        f"{'context':>8}  {'dense':>8}  {config:>{width}}",
+        f"{'context':>8}  {'dense':>8}  {column:>{width}}",
     ]
     for row in summary["per_context"]:
         lines.append(

@@ -85,3 +85,17 @@ def test_bad_input_is_one_line_and_exit_2(capsys, folder, args, message):
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvtuner: error:") and message in lines[0]
     assert out.out == ""
+
+
+def test_passkey_table_heads_a_config_file_by_its_name():
+    from kvtuner.cli.eval_passkey import render
+
+    summary = {
+        "model": "m", "config": "searched_configs/m/kivi/kvtuner_c4.0.yaml", "scheme": "kivi",
+        "samples": 1, "depths": [0.0], "accuracy": 0.5, "dense_accuracy": 1.0,
+        "per_context": [{"context": 96, "accuracy": 0.5, "dense_accuracy": 1.0}],
+    }  # fmt: skip
+    lines = render(summary).splitlines()
+    assert "searched_configs/m/kivi/kvtuner_c4.0.yaml" in lines[0]
+    assert lines[2].split() == ["context", "dense", "kvtuner_c4.0.yaml"]
+    assert lines[3].split() == ["96", "1.000", "0.500"]
