@@ -48,7 +48,7 @@ def trial_keys(result: dict) -> list[tuple[int, float, int]]:
 
 def measure(
     model: str, contexts: list[int], samples: int, depths: list[float], labels: list[str]
-) -> dict:
+) -> None:
     """Dense and each of `labels` on the same prompts, one prompt forward for all caches
     (`kvtuner.tasks.passkey.answer_prompts`). docs/passkey/<model>.json holds every trial measured
     so far, keyed by (context, depth, sample) (prompts are seeded per cell): a run adds the cells
@@ -82,7 +82,7 @@ def measure(
         source = config.format(model=model)
         return lambda: quantized_cache(loaded.model, source, scheme=scheme)
 
-    def save() -> dict:
+    def save() -> None:
         keys = sorted({k for values in known.values() for k in values})
         result = {
             "model": model,
@@ -96,9 +96,7 @@ def measure(
             },
         }
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
-        return result
 
-    result = save() if known else {}
     for prompt in tqdm(prompts, desc=f"{model} pass-key"):
         key = (prompt.context, prompt.depth, prompt.sample)
         missing = [label for label in wanted if key not in known.get(label, {})]
@@ -113,8 +111,7 @@ def measure(
             f"{model} {key}: "
             + ", ".join(f"{c}={int(v)}" for c, v in zip(trials["cache"], trials["correct"]))
         )
-        result = save()
-    return result
+        save()
 
 
 def table(results: list[dict], configs: list[str] | None = None) -> str:
