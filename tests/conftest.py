@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# where the device-agnostic tests (tests/attention/test_decode.py) run their tensors: `cpu` here
+# and in CI; `KVTUNER_TEST_DEVICE=cuda` on a GPU machine (scripts/gpu_check.sh)
+DEVICE = torch.device(os.environ.get("KVTUNER_TEST_DEVICE", "cpu"))
 
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma3")
 

@@ -12,7 +12,7 @@ No dequantized copy of the history is made. Which code runs it, first that appli
 1. on the CPU, kvtuner's kernel (`native`, one call per layer, online softmax over chunks of 128
    tokens: the workspace is O(chunk) per thread);
 2. once the layer has seen `compiling.COMPILE_FROM` tokens, one `torch.compile`d graph of
-   `kernels.decode_layer` (CUDA: Triton; or CPU with KVTUNER_NATIVE=0);
+   `kernels.decode_parts` (CUDA: Triton; or CPU with KVTUNER_NATIVE=0);
 3. the same kernels eagerly, part by part, `kernels.EAGER_CHUNK` tokens of float codes at a time
    (softcap, a store smoothed from a later token, short histories).
 
@@ -224,7 +224,7 @@ def _whole_layer(
         return False
     if any(v.channel_scale is not None and v.smooth_from for v in (keys, values)):
         return False
-    return compiling.compiled(kernels.decode_layer, seen) is not None
+    return compiling.compiled(kernels.decode_parts, seen) is not None
 
 
 def _bias(
@@ -249,17 +249,21 @@ def _bias(
 
 
 def _decode_layer(q, sink, res, keys, values, bias) -> torch.Tensor:
+    nr = res.shape[-2]
+    sink, res, bias = kernels.split_parts(sink, res, bias)
     args = (q, sink, res, *_store_args(keys, values, bias))
-    # the token axis of the stores is unbacked: no guard on its size or on whether the view
-    # fills its buffer, so neither a growing context nor a grown buffer recompiles
+    # the token axis of the stores (and of their bias) is unbacked: no guard on its size or on
+    # whether the view fills its buffer, so neither a growing context nor a grown buffer recompiles
     for t in (keys.packed, keys.scale, keys.zero, values.packed, values.scale, values.zero):
         if t.shape[2] > 1:
             torch._dynamo.decorators.mark_unbacked(t, 2)
-    if res.shape[-2] > 1:
+    if bias is not None and bias[2] is not None and bias[2].shape[-1] > 1:
+        torch._dynamo.decorators.mark_unbacked(bias[2], 3)
+    if nr > 1:
         torch._dynamo.maybe_mark_dynamic(res, 3)
-    if bias is not None:
-        torch._dynamo.maybe_mark_dynamic(bias, 3)
-    return compiling.run(kernels.decode_layer, compiling.COMPILE_FROM, *args)
+        if bias is not None and bias[1] is not None:
+            torch._dynamo.maybe_mark_dynamic(bias[1], 3)
+    return compiling.run(kernels.decode_parts, compiling.COMPILE_FROM, *args)
 
 
 def reference_decode_attention(

@@ -206,23 +206,79 @@ def decode_layer(
 
     sink, res: `[2, b, h, n, d]` full precision; k*/v*: the stores as `PackedView` holds them
     (kcs/vcs the channel scales `[b, h, 1, d]` or None); bias: additive float32
-    `[b, 1, 1, n_all]` (mask, window) or None.
+    `[b, 1, 1, n_all]` (mask, window) over the held tokens, oldest first, or None. The arguments
+    of kvtuner's CPU kernel (`native`); this eager entry splits them (`split_parts`) and runs
+    `decode_parts`, the function that is compiled.
+    """
+    sink, res, bias = split_parts(sink, res, bias)
+    return decode_parts(q, sink, res, kpacked, kscale, kzero, kcs, vpacked, vscale, vzero, vcs,
+                        bias, kbits, kgroup, vbits, vgroup, per_channel_keys)  # fmt: skip
+
+
+def split_parts(sink: torch.Tensor, res: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """(sink or None, res or None, bias parts or None): empty parts become None, and the bias over
+    the held tokens (sinks, stored, residual) becomes views of its three parts (None if empty)."""
+    ns, nr = sink.shape[-2], res.shape[-2]
+    if bias is not None:
+        end = bias.shape[-1] - nr
+        parts = (bias[..., :ns], bias[..., end:], bias[..., ns:end])
+        bias = tuple(part if part.shape[-1] else None for part in parts)
+    return (sink if ns else None), (res if nr else None), bias
+
+
+def decode_parts(
+    q: torch.Tensor,
+    sink: torch.Tensor | None,
+    res: torch.Tensor | None,
+    kpacked: torch.Tensor,
+    kscale: torch.Tensor,
+    kzero: torch.Tensor,
+    kcs: torch.Tensor | None,
+    vpacked: torch.Tensor,
+    vscale: torch.Tensor,
+    vzero: torch.Tensor,
+    vcs: torch.Tensor | None,
+    bias: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None,
+    kbits: int,
+    kgroup: int,
+    vbits: int,
+    vgroup: int,
+    per_channel_keys: bool,
+) -> torch.Tensor:
+    """`decode_layer` on its split arguments: sink and res None where the layer holds no such
+    token, bias None or the additive `[b, 1, 1, n_part]` of the sinks, the residual and the
+    stored tokens (each None where that part is empty).
+
+    The softmax runs part by part (one max and one sum over all three), so the graph never
+    concatenates the scores or slices them at an offset that depends on the stored tokens'
+    (unbacked) count: torch 2.11's inductor cannot lower such a slice.
     """
     d = q.shape[-1]
-    ns = sink.shape[-2]
+    sink_bias, res_bias, stored_bias = (None, None, None) if bias is None else bias
     kq = q if kcs is None else q * kcs.float()
+    torch._check(kpacked.shape[-2] >= 1)
     if per_channel_keys:
         stored = channel_key_scores(kq, kpacked, kscale, kzero, kbits, kgroup)
     else:
         stored = token_key_scores(kq, kpacked, kscale, kzero, kbits, kgroup)
-    scores = torch.cat(
-        [q @ sink[0].float().transpose(-1, -2), stored, q @ res[0].float().transpose(-1, -2)], -1
-    )
-    if bias is not None:
-        scores = scores + bias
-    p = torch.softmax(scores, dim=-1)
-    n = kpacked.shape[-2]
-    mixed = token_value_mix(p[..., ns : ns + n], vpacked, vscale, vzero, vbits, vgroup, d)
+    if stored_bias is not None:
+        torch._check(stored_bias.shape[-1] == stored.shape[-1])
+        stored = stored + stored_bias
+    exact = []  # (scores, values) of the full-precision parts
+    for held, part_bias in ((sink, sink_bias), (res, res_bias)):
+        if held is not None:
+            scores = q @ held[0].float().transpose(-1, -2)
+            exact.append((scores if part_bias is None else scores + part_bias, held[1]))
+    top = stored.amax(-1, keepdim=True)
+    for scores, _ in exact:
+        top = torch.maximum(top, scores.amax(-1, keepdim=True))
+    weights = torch.exp(stored - top)
+    total = weights.sum(-1, keepdim=True)
+    out = token_value_mix(weights, vpacked, vscale, vzero, vbits, vgroup, d)
     if vcs is not None:
-        mixed = mixed * vcs.float()
-    return p[..., :ns] @ sink[1].float() + mixed + p[..., ns + n :] @ res[1].float()
+        out = out * vcs.float()
+    for scores, values in exact:
+        weights = torch.exp(scores - top)
+        total = total + weights.sum(-1, keepdim=True)
+        out = out + weights @ values.float()
+    return out / total

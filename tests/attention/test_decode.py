@@ -1,9 +1,11 @@
 """The fused decode attention (on the packed codes) against dequantize-then-attend, on random tensors."""
 
+import contextlib
 import itertools
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from kvtuner import compiling
 from kvtuner.attention import decode
@@ -15,7 +17,10 @@ BITS = (2, 4, 8, 16)
 
 @pytest.fixture(autouse=True, params=["native", "torch"])
 def decode_path(request, monkeypatch):
-    """Every test runs on kvtuner's CPU kernel and on the pure-torch kernels."""
+    """Every test runs on kvtuner's CPU kernel and on the pure-torch kernels (on a GPU, only the
+    latter: `KVTUNER_TEST_DEVICE=cuda`)."""
+    if DEVICE.type != "cpu" and request.param == "native":
+        pytest.skip("kvtuner's native kernel runs on the CPU only")
     monkeypatch.setenv("KVTUNER_NATIVE", "1" if request.param == "native" else "0")
     return request.param
 
@@ -39,10 +44,10 @@ def filled_layer(
     """A layer fed a prompt and `steps` decode tokens, its last step left for the fused attention."""
     gen = torch.Generator().manual_seed(seed)
     layer = QuantizedKVLayer(pair, layout, sliding_window=window)
-    layer.valid = valid
+    layer.valid = None if valid is None else valid.to(DEVICE)
     for n in [prompt] + [1] * steps:
-        k = (torch.randn(batch, KV_HEADS, n, head_dim, generator=gen) * 2).to(dtype)
-        v = torch.randn(batch, KV_HEADS, n, head_dim, generator=gen).to(dtype)
+        k = (torch.randn(batch, KV_HEADS, n, head_dim, generator=gen) * 2).to(DEVICE, dtype)
+        v = torch.randn(batch, KV_HEADS, n, head_dim, generator=gen).to(DEVICE, dtype)
         layer.fused = n == 1
         if layer.pending is not None:
             layer.finish_attention()
@@ -53,7 +58,7 @@ def filled_layer(
 
 def query(batch: int = 1, dtype=torch.float32, head_dim: int = HEAD_DIM, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, HEADS, 1, head_dim, generator=gen).to(dtype)
+    return torch.randn(batch, HEADS, 1, head_dim, generator=gen).to(DEVICE, dtype)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -90,13 +95,13 @@ def test_sliding_window_left_padded_batch_and_smoothing(scheme, spec):
         PrecisionPair(*spec), layout, window=24, batch=3, valid=valid, prompt=45, steps=7
     )
     assert layer.stored_tokens <= 24 + 8  # the window (KIVI keeps up to a block more)
-    mask = valid[
-        :, None, None, -layer.pending :
-    ]  # what transformers' sdpa mask gives a decode step
+    mask = valid.to(DEVICE)[:, None, None, -layer.pending :]  # what sdpa's mask gives a decode step
     fused, plain = both(layer, query(batch=3), mask)
     assert relative_error(fused, plain) <= 1e-4
     # an additive float mask (eager attention) gives the same
-    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    additive = torch.zeros(mask.shape, device=DEVICE).masked_fill(
+        ~mask, torch.finfo(torch.float32).min
+    )
     fused_add, _ = both(layer, query(batch=3), additive)
     assert relative_error(fused_add, plain) <= 1e-4
 
@@ -169,3 +174,77 @@ def test_compiled_kernels_agree_with_eager(monkeypatch, scheme, spec, dtype):
     assert relative_error(compiled, eager) <= 1e-4
     plain = decode.reference_decode_attention(q, layer, None, 0.25)
     assert relative_error(compiled, plain) <= (1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@contextlib.contextmanager
+def host_sync_refused(monkeypatch):
+    """On a GPU, torch's sync debug mode turns any wait for the device into an error; on the CPU,
+    the Python ways to wait for a value (`.item()`, `float(t)`, `bool(t)`, `.tolist()`) raise."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation in a decode step")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+            patch.setattr(torch.Tensor, name, refuse)
+        yield
+
+
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_decode_step_never_waits_for_the_device(monkeypatch, scheme, compiled):
+    """One decode step as transformers runs it, the new token's update and the fused attention
+    over the packed stores of a left-padded batch, never makes the host wait for the device."""
+    monkeypatch.setenv("KVTUNER_COMPILE", "1" if compiled else "0")
+    layout = Layout(scheme=scheme, block_size=8, residual_length=8, group_size=8)
+    valid = torch.ones(2, 60, dtype=torch.bool)
+    valid[1, :6] = False
+    layer = filled_layer(PrecisionPair(4, 2), layout, batch=2, prompt=50, steps=2, valid=valid)
+    q = query(batch=2)
+    decode.decode_attention(q, layer, valid.to(DEVICE)[:, None, None, :52], 0.25)  # compiles
+    gen = torch.Generator().manual_seed(5)
+    with host_sync_refused(monkeypatch):
+        for step in range(1, 9):  # crosses a KIVI block flush
+            k, v = (torch.randn(2, KV_HEADS, 1, HEAD_DIM, generator=gen) for _ in range(2))
+            layer.finish_attention()
+            layer.update(k.to(DEVICE), v.to(DEVICE))
+            mask = valid.to(DEVICE)[:, None, None, : 52 + step]
+            out = decode.decode_attention(q, layer, mask, 0.25)
+    assert not compiling.failed()
+    plain = decode.reference_decode_attention(q, layer, mask, 0.25)
+    assert relative_error(out, plain) <= 1e-4
+
+
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_compiled_layer_graph_with_window_padding_and_sinks(
+    monkeypatch, decode_path, scheme, sinks
+):
+    """The one-graph path (`kernels.decode_layer`, compiled) with every part of the bias: a
+    sliding window's skipped tokens, a left-padded batch, sinks and KIVI's residual."""
+    if decode_path == "native":
+        pytest.skip("the native kernel runs these layers on the CPU")
+    monkeypatch.setenv("KVTUNER_COMPILE", "1")
+    graphs = []
+    real = decode._decode_layer
+    monkeypatch.setattr(decode, "_decode_layer", lambda *a: graphs.append(1) or real(*a))
+    layout = Layout(scheme=scheme, block_size=8, residual_length=8, group_size=8,
+                    sink_tokens=sinks, smooth=False)  # fmt: skip
+    valid = torch.ones(3, 70, dtype=torch.bool)
+    valid[1, :5] = False
+    valid[2, :11] = False
+    for steps in (3, 6):  # two stored counts and residual lengths: one graph, no misread
+        layer = filled_layer(PrecisionPair(4, 2), layout, window=40, batch=3, valid=valid,
+                             prompt=60, steps=steps)  # fmt: skip
+        mask = valid.to(DEVICE)[:, None, None, : 60 + steps][..., -layer.pending :]
+        fused, plain = both(layer, query(batch=3), mask)
+        assert relative_error(fused, plain) <= 1e-4
+    assert graphs and not compiling.failed()
