@@ -161,7 +161,13 @@ def main() -> None:
     if not args.table:
         contexts = [int(c) for c in args.contexts.split(",")]
         depths = [float(d) for d in args.depths.split(",")]
-        measure(args.model, contexts, args.samples, depths, args.configs.split(","))
+        labels = args.configs.split(",")
+        unknown = [label for label in labels if label not in {c[0] for c in CONFIGS}]
+        if unknown:
+            parser.error(
+                f"--configs: {', '.join(unknown)} not among {', '.join(c[0] for c in CONFIGS)}"
+            )
+        measure(args.model, contexts, args.samples, depths, labels)
     results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
     text = "\n".join(
         [
