@@ -71,9 +71,10 @@ def main() -> None:
             "",
             kl_table(kl),
             "",
-            "Pass-key retrieval, accuracy over depths 0-100 % (in brackets: of the trials dense "
-            "gets right, how many the config keeps; [docs/passkey.md](docs/passkey.md), `python "
-            "scripts/passkey_table.py --model M --contexts C1,C2 --samples 1`):",
+            "Pass-key retrieval, accuracy over depths 0-100 % (trials: prompts per cell, 5 depths "
+            "times 1 or 3 per depth; in brackets: of the trials dense gets right, how many the "
+            "config keeps; [docs/passkey.md](docs/passkey.md), `python scripts/passkey_table.py "
+            "--model M --contexts C1,C2 --samples N`):",
             "",
             passkey_table(passkey, PASSKEY),
             "",
