@@ -208,15 +208,16 @@ def test_a_decode_step_never_waits_for_the_device(monkeypatch, scheme, compiled)
     valid = torch.ones(2, 60, dtype=torch.bool)
     valid[1, :6] = False
     layer = filled_layer(PrecisionPair(4, 2), layout, batch=2, prompt=50, steps=2, valid=valid)
-    q = query(batch=2)
-    decode.decode_attention(q, layer, valid.to(DEVICE)[:, None, None, :52], 0.25)  # compiles
+    q, valid = query(batch=2), valid.to(DEVICE)
+    decode.decode_attention(q, layer, valid[:, None, None, :52], 0.25)  # compiles
     gen = torch.Generator().manual_seed(5)
+    # on the device before the guard: a copy from host memory waits for the device itself
+    steps = torch.randn(8, 2, 2, KV_HEADS, 1, HEAD_DIM, generator=gen).to(DEVICE)
     with host_sync_refused(monkeypatch):
-        for step in range(1, 9):  # crosses a KIVI block flush
-            k, v = (torch.randn(2, KV_HEADS, 1, HEAD_DIM, generator=gen) for _ in range(2))
+        for step, (k, v) in enumerate(steps, start=1):  # crosses a KIVI block flush
             layer.finish_attention()
-            layer.update(k.to(DEVICE), v.to(DEVICE))
-            mask = valid.to(DEVICE)[:, None, None, : 52 + step]
+            layer.update(k, v)
+            mask = valid[:, None, None, : 52 + step]
             out = decode.decode_attention(q, layer, mask, 0.25)
     assert not compiling.failed()
     plain = decode.reference_decode_attention(q, layer, mask, 0.25)
@@ -228,7 +229,7 @@ def test_a_decode_step_never_waits_for_the_device(monkeypatch, scheme, compiled)
 def test_compiled_layer_graph_with_window_padding_and_sinks(
     monkeypatch, decode_path, scheme, sinks
 ):
-    """The one-graph path (`kernels.decode_layer`, compiled) with every part of the bias: a
+    """The one-graph path (`kernels.decode_parts`, compiled) with every part of the bias: a
     sliding window's skipped tokens, a left-padded batch, sinks and KIVI's residual."""
     if decode_path == "native":
         pytest.skip("the native kernel runs these layers on the CPU")
@@ -241,7 +242,7 @@ def test_compiled_layer_graph_with_window_padding_and_sinks(
     valid = torch.ones(3, 70, dtype=torch.bool)
     valid[1, :5] = False
     valid[2, :11] = False
-    for steps in (3, 6):  # two stored counts and residual lengths: one graph, no misread
+    for steps in (3, 6):  # two stored counts and residual lengths
         layer = filled_layer(PrecisionPair(4, 2), layout, window=40, batch=3, valid=valid,
                              prompt=60, steps=steps)  # fmt: skip
         mask = valid.to(DEVICE)[:, None, None, : 60 + steps][..., -layer.pending :]
