@@ -199,6 +199,7 @@ def test_embedded_model_kl_and_the_shipped_searched_config(gemma):
 def test_a_chunked_prefill_records_and_caches_what_one_forward_does():
     from conftest import build_tiny_model
 
+    from kvtuner.compat import with_cache
     from kvtuner.evaluate import RecordingCache, prefill
 
     model = build_tiny_model("gemma3")  # sliding layers: the recording keeps the whole prefill
@@ -214,5 +215,5 @@ def test_a_chunked_prefill_records_and_caches_what_one_forward_does():
         torch.testing.assert_close(b[layer][0], a[layer][0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b[layer][1], a[layer][1], rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # once read, the recording stops: scored chunks are not recorded
-        model(input_ids=ids[:, :4], past_key_values=chunked, use_cache=True)
+        model(input_ids=ids[:, :4], **with_cache(model, chunked), use_cache=True)
     assert chunked.recorded[0][0].shape[-2] == 50
