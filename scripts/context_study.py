@@ -8,7 +8,7 @@
 
     python scripts/context_study.py --model smollm2-135m --context 8192 --long-calibration calibration-8192
 
-Writes docs/long-context/study_<model>_<context>.json and prints a markdown table.
+Writes docs/long-context/study_<model>_<scheme>_<context>.json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     }
     out = Path("docs/long-context")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"study_{args.model}_{args.context}.json").write_text(
+    (out / f"study_{args.model}_{args.scheme}_{args.context}.json").write_text(
         json.dumps(result, indent=1) + "\n"
     )
     print(json.dumps(result, indent=1))
