@@ -15,7 +15,7 @@ export PYTHONPATH=/tmp/site:$PWD
 } 2>&1 | tee "$out/environment.txt"
 start=$SECONDS
 KVTUNER_TEST_DEVICE=cuda timeout 230 python3 -m pytest -q -p no:cacheprovider \
-    tests/attention/test_decode.py 2>&1 | tail -25 | tee "$out/pytest.txt"
+    tests/attention/test_decode.py 2>&1 | tee "$out/pytest.txt" | tail -25
 tests=${PIPESTATUS[0]}
 echo "tests: rc $tests in $((SECONDS - start)) s"
 start=$SECONDS
