@@ -72,7 +72,7 @@ def main() -> None:
             kl_table(kl),
             "",
             "Pass-key retrieval, accuracy over depths 0-100 % (trials: prompts per cell, 5 depths "
-            "times 1 or 3 per depth; in brackets: of the trials dense gets right, how many the "
+            "times 1 to 5 per depth; in brackets: of the trials dense gets right, how many the "
             "config keeps; [docs/passkey.md](docs/passkey.md), `python scripts/passkey_table.py "
             "--model M --contexts C1,C2 --samples N`):",
             "",
