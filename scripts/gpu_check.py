@@ -179,8 +179,9 @@ BENCH_KEYS = ("context", "speed_ratio", "tokens_per_s", "dense_tokens_per_s", "k
 def bench(name, model, tokenizer, weights, contexts, new_tokens, rounds) -> Iterator[dict]:
     from kvtuner.bench import run_bench
     from kvtuner.config import load_config
+    from kvtuner.models import text_config
 
-    layers = model.config.get_text_config().num_hidden_layers
+    layers = text_config(model).num_hidden_layers
     for scheme in ("per-token", "kivi"):
         config = load_config("KV4", num_layers=layers, scheme=scheme)
         for context in contexts:

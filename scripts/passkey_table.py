@@ -32,6 +32,7 @@ CONFIGS = (
     ("C4.0 KIVI", "searched_configs/{model}/kivi/kvtuner_c4.0.yaml", None),
     ("C5.0 KIVI", "searched_configs/{model}/kivi/kvtuner_c5.0.yaml", None),
 )
+LABELS = tuple(label for label, _, _ in CONFIGS)  # the table's columns, in order
 
 
 def trial_keys(result: dict) -> list[tuple[int, float, int]]:
@@ -71,7 +72,7 @@ def measure(
             known[label] = {
                 k: v for k, v in zip(trial_keys(before), values, strict=True) if v is not None
             }
-    wanted = ["dense", *[c[0] for c in CONFIGS if c[0] in labels]]
+    wanted = ["dense", *[label for label in LABELS if label in labels]]
     sources = {label: (config, scheme) for label, config, scheme in CONFIGS}
     prompts = make_prompts(loaded.tokenizer, contexts, depths, samples, seed=0)
 
@@ -91,7 +92,7 @@ def measure(
             "sample": [k[2] for k in keys],
             "correct": {
                 label: [known[label].get(k) for k in keys]
-                for label in ["dense", *[c[0] for c in CONFIGS]]
+                for label in ["dense", *LABELS]
                 if label in known
             },
         }
@@ -119,7 +120,7 @@ def table(results: list[dict], configs: list[str] | None = None) -> str:
     how many it keeps; "-" where it was not run at that context, and its trial count where it ran
     on only some of them); `configs` picks the columns (default: every config measured)."""
     if configs is None:
-        configs = [c[0] for c in CONFIGS if any(c[0] in r["correct"] for r in results)]
+        configs = [label for label in LABELS if any(label in r["correct"] for r in results)]
     labels = ["dense", *configs]
     lines = [
         "| model | context | trials | " + " | ".join(labels) + " |",
@@ -154,7 +155,7 @@ def main() -> None:
     parser.add_argument("--contexts", default="4096,8000")
     parser.add_argument("--depths", default="0,25,50,75,100")
     parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
+    parser.add_argument("--configs", default=",".join(LABELS))
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -162,11 +163,9 @@ def main() -> None:
         contexts = [int(c) for c in args.contexts.split(",")]
         depths = [float(d) for d in args.depths.split(",")]
         labels = args.configs.split(",")
-        unknown = [label for label in labels if label not in {c[0] for c in CONFIGS}]
+        unknown = [label for label in labels if label not in LABELS]
         if unknown:
-            parser.error(
-                f"--configs: {', '.join(unknown)} not among {', '.join(c[0] for c in CONFIGS)}"
-            )
+            parser.error(f"--configs: {', '.join(unknown)} not among {', '.join(LABELS)}")
         measure(args.model, contexts, args.samples, depths, labels)
     results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
     text = "\n".join(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -12,6 +13,29 @@ import torch
 DEVICE = torch.device(os.environ.get("KVTUNER_TEST_DEVICE", "cpu"))
 
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma3")
+
+
+@contextlib.contextmanager
+def host_sync_refused(monkeypatch, device: torch.device):
+    """Within the block, the host must never wait for `device`: on a GPU, torch's sync debug mode
+    turns any wait into an error; on the CPU, the Python ways to wait for a value (`.item()`,
+    `float(t)`, `bool(t)`, `int(t)`, `.tolist()`, `.numpy()`) raise."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation in a decode step")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+            patch.setattr(torch.Tensor, name, refuse)
+        yield
 
 
 def tiny_config(arch: str, num_layers: int = 4):

@@ -1,11 +1,10 @@
 """The fused decode attention (on the packed codes) against dequantize-then-attend, on random tensors."""
 
-import contextlib
 import itertools
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, host_sync_refused
 
 from kvtuner import compiling
 from kvtuner.attention import decode
@@ -176,28 +175,6 @@ def test_compiled_kernels_agree_with_eager(monkeypatch, scheme, spec, dtype):
     assert relative_error(compiled, plain) <= (1e-4 if dtype == torch.float32 else 1e-2)
 
 
-@contextlib.contextmanager
-def host_sync_refused(monkeypatch):
-    """On a GPU, torch's sync debug mode turns any wait for the device into an error; on the CPU,
-    the Python ways to wait for a value (`.item()`, `float(t)`, `bool(t)`, `.tolist()`) raise."""
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        return
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("host synchronisation in a decode step")
-
-    with monkeypatch.context() as patch:
-        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
-            patch.setattr(torch.Tensor, name, refuse)
-        yield
-
-
 @pytest.mark.parametrize("scheme", ["per-token", "kivi"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_a_decode_step_never_waits_for_the_device(monkeypatch, scheme, compiled):
@@ -213,7 +190,7 @@ def test_a_decode_step_never_waits_for_the_device(monkeypatch, scheme, compiled)
     gen = torch.Generator().manual_seed(5)
     # on the device before the guard: a copy from host memory waits for the device itself
     steps = torch.randn(8, 2, 2, KV_HEADS, 1, HEAD_DIM, generator=gen).to(DEVICE)
-    with host_sync_refused(monkeypatch):
+    with host_sync_refused(monkeypatch, DEVICE):
         for step, (k, v) in enumerate(steps, start=1):  # crosses a KIVI block flush
             layer.finish_attention()
             layer.update(k, v)
