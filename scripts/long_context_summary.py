@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from passkey_table import table as passkey_table  # scripts/, on the path when run
+from passkey_table import load_results  # scripts/, on the path when run
+from passkey_table import table as passkey_table
 
 from kvtuner.tables import update_readme
 
@@ -62,7 +63,7 @@ def kl_table(results: list[dict]) -> str:
 def main() -> None:
     # not the calibration-context studies (study_*.json)
     kl = [json.loads(p.read_text()) for p in sorted(KL_DIR.glob("*.json")) if "study" not in p.name]
-    passkey = [json.loads(p.read_text()) for p in sorted(PASSKEY_DIR.glob("*.json"))]
+    passkey = load_results(PASSKEY_DIR)
     block = "\n".join(
         [
             "Held-out KL, nats per token ± s.e. (effective bits at 4096 tokens), 4 samples per "

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from kvtuner.tasks.passkey import PROMPT_VERSION
+
 OUT = Path("docs/passkey")
 CONFIGS = (
     ("KV8", "KV8", "per-token"),
@@ -33,6 +35,11 @@ CONFIGS = (
     ("C5.0 KIVI", "searched_configs/{model}/kivi/kvtuner_c5.0.yaml", None),
 )
 LABELS = tuple(label for label, _, _ in CONFIGS)  # the table's columns, in order
+
+
+def version(result: dict) -> int:
+    """The prompt version a saved result answered (files without one: version 1)."""
+    return int(result.get("prompt_version", 1))
 
 
 def trial_keys(result: dict) -> list[tuple[int, float, int]]:
@@ -66,8 +73,13 @@ def measure(
     loaded = load_model(model)
     path = OUT / f"{model}.json"
     known: dict[str, dict[tuple, bool]] = {}
-    if path.exists():
-        before = json.loads(path.read_text())
+    before = json.loads(path.read_text()) if path.exists() else None
+    if before is not None and version(before) != PROMPT_VERSION:
+        tqdm.write(
+            f"{path}: prompt version {version(before)}, not {PROMPT_VERSION}; measuring afresh"
+        )
+        before = None
+    if before is not None:
         for label, values in before["correct"].items():
             known[label] = {
                 k: v for k, v in zip(trial_keys(before), values, strict=True) if v is not None
@@ -87,6 +99,7 @@ def measure(
         keys = sorted({k for values in known.values() for k in values})
         result = {
             "model": model,
+            "prompt_version": PROMPT_VERSION,
             "contexts": [k[0] for k in keys],
             "depths": [k[1] for k in keys],
             "sample": [k[2] for k in keys],
@@ -113,6 +126,19 @@ def measure(
             + ", ".join(f"{c}={int(v)}" for c, v in zip(trials["cache"], trials["correct"]))
         )
         save()
+
+
+def load_results(folder: Path = OUT) -> list[dict]:
+    """Every model's saved result in `folder` that answered this prompt version (others are named
+    on stdout and left out: their prompts were not these)."""
+    results = []
+    for path in sorted(folder.glob("*.json")):
+        result = json.loads(path.read_text())
+        if version(result) != PROMPT_VERSION:
+            print(f"{path}: prompt version {version(result)}, not {PROMPT_VERSION}; left out")
+            continue
+        results.append(result)
+    return results
 
 
 def table(results: list[dict], configs: list[str] | None = None) -> str:
@@ -167,7 +193,7 @@ def main() -> None:
         if unknown:
             parser.error(f"--configs: {', '.join(unknown)} not among {', '.join(LABELS)}")
         measure(args.model, contexts, args.samples, depths, labels)
-    results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    results = load_results()
     text = "\n".join(
         [
             "# Pass-key retrieval: dense, uniform and shipped configs on the same prompts",

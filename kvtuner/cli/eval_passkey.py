@@ -113,6 +113,8 @@ def summarize(
     result: Any, model: str, config: str, cfg: Any, samples: int, seed: int, text: Path | None
 ) -> dict[str, Any]:
     """The JSON object of a pass-key run."""
+    from kvtuner.tasks import passkey
+
     grid = result.grid()
     return {
         "task": "passkey",
@@ -124,6 +126,7 @@ def summarize(
         "depths": sorted(float(d) for d in grid["depth"].unique()),
         "samples": samples,
         "seed": seed,
+        "prompt_version": passkey.PROMPT_VERSION,
         "text": str(text) if text is not None else "heldout",
         "accuracy": result.accuracy("quantized"),
         "dense_accuracy": result.accuracy("dense"),

@@ -30,7 +30,13 @@ HEADER = (
     "Find it and memorize it. I will quiz you about it."
 )
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "\nWhat is the pass key? The pass key is"
+# The question follows the filler on the same line: after a line break Gemma 3 270M drifts into
+# prose ("the key to your ...") and retrieved only the depth-0 key (1 of 5 at 4096 tokens, against
+# 5 of 5 this way; SmolLM2-135M 10 of 15 at 8000 this way, 9 of 15 with the line break).
+QUESTION = " What is the pass key? The pass key is"
+# Bumped whenever HEADER, NEEDLE, QUESTION or the filler's cutting change: saved results of
+# another version answered other prompts.
+PROMPT_VERSION = 2
 DEPTHS: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
 CONTEXTS: tuple[int, ...] = (1024, 4096)
 SAMPLES = 2

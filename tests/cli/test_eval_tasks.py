@@ -31,6 +31,7 @@ def test_passkey_json_has_each_context_beside_dense(capsys, folder, tmp_path):
     summary = json.loads(out.out)
     assert summary["task"] == "passkey" and summary["contexts"] == [96, 160]
     assert summary["depths"] == [0.0, 100.0] and summary["samples"] == 1
+    assert summary["prompt_version"] == 2  # bumped with the prompt's wording
     assert [row["context"] for row in summary["per_context"]] == [96, 160]
     assert all({"accuracy", "dense_accuracy"} <= set(row) for row in summary["per_context"])
     assert len(summary["cells"]) == 4 and all(c["samples"] == 1 for c in summary["cells"])

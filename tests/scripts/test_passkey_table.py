@@ -1,0 +1,58 @@
+"""scripts/passkey_table.py: saved results of another prompt version are measured afresh and
+left out of the tables, never mixed with this version's."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from kvtuner.tasks import passkey
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def table_script():
+    spec = importlib.util.spec_from_file_location("passkey_table", SCRIPTS / "passkey_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def saved(model: str, dense: list[bool], kv4: list[bool], version: int | None) -> dict:
+    result = {
+        "model": model,
+        "contexts": [4096] * len(dense),
+        "depths": [0.0, 50.0, 100.0][: len(dense)],
+        "sample": [0] * len(dense),
+        "correct": {"dense": dense, "KV4": kv4},
+    }
+    if version is not None:
+        result["prompt_version"] = version
+    return result
+
+
+def test_results_of_another_prompt_version_are_left_out(table_script, tmp_path, capsys):
+    files = {
+        "old-model": saved("old-model", [True, True, True], [True, True, True], None),
+        "older-model": saved("older-model", [True, True, True], [True, True, True], 1),
+        "new-model": saved("new-model", [True, False, True], [True, False, False], 2),
+    }
+    for name, result in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    results = table_script.load_results(tmp_path)
+    assert [r["model"] for r in results] == ["new-model"]
+    out = capsys.readouterr().out
+    assert "old-model.json: prompt version 1, not 2; left out" in out
+    assert "older-model.json: prompt version 1, not 2; left out" in out
+    rendered = table_script.table(results)
+    assert "old-model" not in rendered
+    # dense 2 of 3; KV4 keeps 1 of dense's 2 hits
+    assert "| new-model | 4096 | 3 | 0.67 | 0.33 (1/2) |" in rendered
+
+
+def test_the_script_writes_the_version_it_answered(table_script):
+    assert table_script.PROMPT_VERSION == passkey.PROMPT_VERSION
+    assert table_script.version({"prompt_version": 7}) == 7
+    assert table_script.version({}) == 1  # files written before versions were kept
