@@ -200,7 +200,9 @@ def main() -> None:
             "",
             "Accuracy over depths 0/25/50/75/100 % (five-digit key in held-out filler, greedy "
             "answer, exact match). In brackets: of the trials the dense cache gets right, how many "
-            "the config keeps (a config is judged only where the model itself retrieves).",
+            "the config keeps (a config is judged only where the model itself retrieves). "
+            f"Prompt version {PROMPT_VERSION} (`kvtuner.tasks.passkey`: the question on the "
+            "filler's line).",
             "",
             "Regenerate: `python scripts/passkey_table.py --model M --contexts C1,C2 --samples N`.",
             "",
