@@ -42,6 +42,16 @@ def version(result: dict) -> int:
     return int(result.get("prompt_version", 1))
 
 
+def current(path: Path, otherwise: str) -> dict | None:
+    """The saved result at `path` if it answered this prompt version; else None, after a line
+    naming the file, its version and `otherwise` (what the caller does instead)."""
+    result = json.loads(path.read_text())
+    if version(result) != PROMPT_VERSION:
+        tqdm.write(f"{path}: prompt version {version(result)}, not {PROMPT_VERSION}; {otherwise}")
+        return None
+    return result
+
+
 def trial_keys(result: dict) -> list[tuple[int, float, int]]:
     """(context, depth, sample) of each trial of a saved result (older files: samples in order)."""
     if "sample" in result:
@@ -73,12 +83,7 @@ def measure(
     loaded = load_model(model)
     path = OUT / f"{model}.json"
     known: dict[str, dict[tuple, bool]] = {}
-    before = json.loads(path.read_text()) if path.exists() else None
-    if before is not None and version(before) != PROMPT_VERSION:
-        tqdm.write(
-            f"{path}: prompt version {version(before)}, not {PROMPT_VERSION}; measuring afresh"
-        )
-        before = None
+    before = current(path, "measuring afresh") if path.exists() else None
     if before is not None:
         for label, values in before["correct"].items():
             known[label] = {
@@ -131,14 +136,8 @@ def measure(
 def load_results(folder: Path = OUT) -> list[dict]:
     """Every model's saved result in `folder` that answered this prompt version (others are named
     on stdout and left out: their prompts were not these)."""
-    results = []
-    for path in sorted(folder.glob("*.json")):
-        result = json.loads(path.read_text())
-        if version(result) != PROMPT_VERSION:
-            print(f"{path}: prompt version {version(result)}, not {PROMPT_VERSION}; left out")
-            continue
-        results.append(result)
-    return results
+    results = [current(path, "left out") for path in sorted(folder.glob("*.json"))]
+    return [result for result in results if result is not None]
 
 
 def table(results: list[dict], configs: list[str] | None = None) -> str:

@@ -52,7 +52,7 @@ def test_results_of_another_prompt_version_are_left_out(table_script, tmp_path, 
     assert "| new-model | 4096 | 3 | 0.67 | 0.33 (1/2) |" in rendered
 
 
-def test_the_script_writes_the_version_it_answered(table_script):
+def test_a_saved_result_names_its_prompt_version(table_script):
     assert table_script.PROMPT_VERSION == passkey.PROMPT_VERSION
     assert table_script.version({"prompt_version": 7}) == 7
     assert table_script.version({}) == 1  # files written before versions were kept
