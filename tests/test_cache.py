@@ -237,19 +237,44 @@ def test_beam_search_reorders_the_cache():
     assert torch.equal(out, ref)
 
 
+# KV8 moves Gemma 3's logits by up to 0.32 on the quick-start prompt (per token; KIVI keeps these
+# few tokens in its full-precision residual), while two of dense's 16 greedy choices lead by only
+# 0.02 logits: which way those go depends on the CPU's summation order, so only clear leads count
+MARGIN = 0.5
+KV8_LOGITS = 1.0
+
+
+@torch.no_grad()
+def forced_logits(model, ids, tokens, cache) -> torch.Tensor:
+    """The next-token logits at each of `tokens`' steps, decoding them one by one after `ids`."""
+    out = model(ids, **with_cache(model, cache), use_cache=True)
+    rows = [out.logits[0, -1]]
+    for step in range(tokens.shape[1] - 1):
+        out = model(tokens[:, step : step + 1], **with_cache(model, cache), use_cache=True)
+        rows.append(out.logits[0, -1])
+    return torch.stack(rows)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["per-token", "kivi"])
 def test_embedded_gemma_fp16_identical_and_kv8_keeps_16_tokens(gemma, scheme):
-    """Gemma 3 270M (sliding + full layers): fp16 is exact, KV8 gives the dense cache's first 16
-    greedy tokens, KV2 per token changes the text."""
+    """Gemma 3 270M (sliding + full layers): fp16 is exact; KV8, fed dense's first 16 greedy tokens,
+    picks each one wherever dense leads by more than `MARGIN`; KV2 per token changes the text."""
     model, tokenizer = gemma.model, gemma.tokenizer
     text = "The history of"  # the README's quick-start prompt
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     reference = greedy(model, ids, DynamicCache(config=model.config))
     fp16 = kvtuner.quantized_cache(model, "fp16", scheme=scheme)
     assert torch.equal(greedy(model, ids, fp16), reference)
-    kv8 = greedy(model, ids, kvtuner.quantized_cache(model, "KV8", scheme=scheme), tokens=16)
-    assert torch.equal(kv8, reference[:, :16])
+    tokens = reference[:, :16]
+    dense = forced_logits(model, ids, tokens, DynamicCache(config=model.config))
+    kv8 = forced_logits(model, ids, tokens, kvtuner.quantized_cache(model, "KV8", scheme=scheme))
+    assert torch.equal(dense.argmax(-1), tokens[0])
+    top = dense.topk(2, dim=-1).values
+    clear = top[:, 0] - top[:, 1] > MARGIN
+    assert int(clear.sum()) >= 8  # the check below still covers most steps
+    assert torch.equal(kv8.argmax(-1)[clear], tokens[0][clear])
+    assert float((kv8 - dense).abs().max()) <= KV8_LOGITS
     if scheme == "per-token":
         kv2 = greedy(model, ids, kvtuner.quantized_cache(model, "KV2"))
         assert not torch.equal(kv2, reference)
