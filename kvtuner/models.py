@@ -1,6 +1,6 @@
 """Resolve a model name or path and load it: embedded names, hub ids, local folders, .gguf files.
 
-GGUF files (every embedded model is GGUF) take about a minute to read and dequantize on 2 cores, so
+GGUF files (every embedded model is GGUF) take 15-35 s to read and dequantize on 2 cores, so
 the first load converts them once into a plain safetensors folder under the kvtuner cache
 (`$KVTUNER_CACHE`, default `~/.cache/kvtuner/models/`) and later loads read that folder.
 Models shipped as numbered part packages (`GgufParts`) are first joined there into one .gguf file,
@@ -9,6 +9,7 @@ hashed while written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -396,20 +397,60 @@ def _load_gguf(
 
     load_dtype = torch.float32 if cache_folder is not None else dtype
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.folder,
-            gguf_file=source.gguf_file,
-            dtype=load_dtype,
-            # dense weights: the packed GGUF form decoded about 7x slower per step on CPU
-            quantization_config=GgufConfig(dequantize=True),
-        )
+        with _one_gguf_reader():
+            tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(
+                source.folder,
+                gguf_file=source.gguf_file,
+                dtype=load_dtype,
+                # dense weights: the packed GGUF form decoded about 7x slower per step on CPU
+                quantization_config=GgufConfig(dequantize=True),
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         path = Path(source.folder) / str(source.gguf_file)
         raise ModelError(f"model '{path}': cannot read GGUF file ({_first_line(exc)})") from None
     if cache_folder is not None:
         _save_converted(model, tokenizer, source, cache_folder)
     return model.to(dtype), tokenizer
+
+
+@contextlib.contextmanager
+def _one_gguf_reader():
+    """Within the block, `gguf.GGUFReader(path)` parses each file once, over a plain array.
+
+    transformers opens the file anew for the tokenizer, the config and the weights, and each
+    opening parses every metadata entry, one small slice of an `np.memmap` at a time (25 s for
+    Gemma 3's 262k-token vocabulary on 2 cores, most of it in `np.memmap`'s slicing overhead).
+    The reader only reads the mapped file, so one reader, over a plain `ndarray` view of the same
+    mapping, serves all three.
+    """
+    import gguf
+    import numpy as np
+
+    real = gguf.GGUFReader
+
+    class PlainArrayReader(real):
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, mapped: np.ndarray) -> None:
+            self._plain = mapped.view(np.ndarray)  # the view keeps the mapping open
+
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared(path: Any, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = PlainArrayReader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
 
 
 def _save_converted(model: Any, tokenizer: Any, source: ModelSource, folder: Path) -> None:

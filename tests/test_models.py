@@ -331,3 +331,30 @@ def test_embedded_qwen(qwen, monkeypatch):
     text = qwen.tokenizer.decode(runs[0])
     assert runs[0] == runs[1] and len(runs[0]) == 10
     assert "if n" in text, text
+
+
+def test_one_gguf_reader_parses_a_file_once_and_reads_the_same(tmp_path):
+    """The conversion's shared reader: one per file, the same fields and tensors as gguf's own."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list([f"tok{i}" for i in range(300)])
+    weight = np.arange(48, dtype=np.float32).reshape(6, 8)
+    writer.add_tensor("blk.0.attn_q.weight", weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    plain = gguf.GGUFReader(path)
+    with models._one_gguf_reader():
+        first, second = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert first is second
+        assert type(first.data) is np.ndarray
+    assert gguf.GGUFReader is type(plain) and isinstance(plain.data, np.memmap)
+    tokens = first.fields["tokenizer.ggml.tokens"]
+    assert tokens.contents() == plain.fields["tokenizer.ggml.tokens"].contents()
+    assert tokens.contents()[299] == "tok299"
+    assert np.array_equal(first.tensors[0].data, weight)
