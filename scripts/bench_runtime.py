@@ -6,6 +6,7 @@ README and docs/runtime.md show. CPU float32, the machine's threads (2 here).
 
     python scripts/bench_runtime.py            # every row (about 45 minutes on 2 cores: a 16384-token prefill of Qwen2.5-Coder-0.5B alone takes minutes)
     python scripts/bench_runtime.py --only smollm2-135m
+    python scripts/bench_runtime.py --out docs/runtime-zen3 --block runtime-zen3   # another machine's table
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/runtime"))
     parser.add_argument("--only", help="run the rows of this model only")
+    parser.add_argument(
+        "--block", default="runtime", help="the README block the table goes into (results:BLOCK)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -94,7 +98,7 @@ def main() -> None:
     (args.out / "table.md").write_text(markdown + "\n")
     print(markdown)
     if not args.only:
-        write_block(Path("README.md"), "runtime", markdown)
+        write_block(Path("README.md"), args.block, markdown)
 
 
 def write_block(readme: Path, key: str, markdown: str) -> None:
