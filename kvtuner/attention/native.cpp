@@ -57,6 +57,14 @@ inline v8 halves(v16 v) {
   return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
 }
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 #else
 template <typename V>
 struct Pair {
@@ -103,23 +111,7 @@ inline v16 at_least(v16 x, float limit) {
   return {x.lo < limit ? v8{} + limit : x.lo, x.hi < limit ? v8{} + limit : x.hi};
 }
 inline v8 halves(v16 v) { return v.lo + v.hi; }
-#endif
 
-inline float hsum(v16 v) {
-  const v8 a = halves(v);
-  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-#if defined(__AVX512F__)
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
-#else
 inline v16 load16(const float* p) {
   v8 lo, hi;
   std::memcpy(&lo, p, sizeof(lo));
@@ -132,6 +124,13 @@ inline void store16(float* p, v16 v) {
   std::memcpy(p + 8, &v.hi, sizeof(v.hi));
 }
 #endif
+
+inline float hsum(v16 v) {
+  const v8 a = halves(v);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 
 // exp(x) for x <= 0 (a score minus its row's maximum) on 16 lanes; x < -87 (and -inf) gives 0.
 // Cephes' expf: 2^n * p(r) with |r| <= ln(2)/2, relative error about 2e-7; n rounded to nearest
