@@ -251,6 +251,9 @@ def _bias(
 def _decode_layer(q, sink, res, keys, values, bias) -> torch.Tensor:
     nr = res.shape[-2]
     sink, res, bias = kernels.split_parts(sink, res, bias)
+    if bias is not None:  # each part its own storage: a view's strides follow the whole bias's
+        # length, and the guard on the (static) sinks' part would recompile at every step
+        bias = tuple(None if part is None else part.contiguous() for part in bias)
     args = (q, sink, res, *_store_args(keys, values, bias))
     # the token axis of the stores (and of their bias) is unbacked: no guard on its size or on
     # whether the view fills its buffer, so neither a growing context nor a grown buffer recompiles
