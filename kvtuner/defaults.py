@@ -7,6 +7,9 @@ these, so a default is changed here and nowhere else. Why each value was chosen 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 # -- the cache ------------------------------------------------------------------------------------
 SCHEME = "per-token"
 # channels per scale/zero of per-token groups (per-token K and V; KIVI V), at most head_dim
@@ -87,3 +90,10 @@ def eval_context(windows: tuple[int | None, ...] | list[int | None] = ()) -> int
     (Gemma 3, window 512: 1024)."""
     widest = max((w for w in windows if w is not None), default=0)
     return max(EVAL_CONTEXT, 2 * widest)
+
+
+def cache_home() -> Path:
+    """Where kvtuner keeps what it builds once per machine: `$KVTUNER_CACHE_DIR`, default
+    `~/.cache/kvtuner` (converted models in `models/`, the CPU decode kernel in `native/`)."""
+    root = os.environ.get("KVTUNER_CACHE_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "kvtuner"

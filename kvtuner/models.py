@@ -2,7 +2,8 @@
 
 GGUF files (every embedded model is GGUF) take 15-35 s to read and dequantize on 2 cores, so
 the first load converts them once into a plain safetensors folder under the kvtuner cache
-(`$KVTUNER_CACHE`, default `~/.cache/kvtuner/models/`) and later loads read that folder.
+(`$KVTUNER_CACHE`, default `models/` under `$KVTUNER_CACHE_DIR` or `~/.cache/kvtuner`) and later
+loads read that folder.
 Models shipped as numbered part packages (`GgufParts`) are first joined there into one .gguf file,
 hashed while written.
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from kvtuner import defaults
 from kvtuner.errors import ModelError
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -141,9 +143,10 @@ def text_config(model_or_config: Any) -> Any:
 
 
 def cache_root() -> Path:
-    """Folder that holds converted GGUF models: `$KVTUNER_CACHE` or `~/.cache/kvtuner/models`."""
+    """Folder that holds converted GGUF models: `$KVTUNER_CACHE`, else `models/` in
+    `kvtuner.defaults.cache_home()` (`$KVTUNER_CACHE_DIR`, default `~/.cache/kvtuner`)."""
     env = os.environ.get("KVTUNER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvtuner" / "models"
+    return Path(env).expanduser() if env else defaults.cache_home() / "models"
 
 
 def resolve_model(name_or_path: str | os.PathLike, prefer_converted: bool = True) -> ModelSource:

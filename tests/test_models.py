@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,3 +359,19 @@ def test_one_gguf_reader_parses_a_file_once_and_reads_the_same(tmp_path):
     assert tokens.contents() == plain.fields["tokenizer.ggml.tokens"].contents()
     assert tokens.contents()[299] == "tok299"
     assert np.array_equal(first.tensors[0].data, weight)
+
+
+def test_one_variable_moves_the_whole_cache(monkeypatch, tmp_path):
+    """`$KVTUNER_CACHE_DIR` holds converted models and the CPU kernel; `$KVTUNER_CACHE` still
+    names the models' folder alone."""
+    from kvtuner.attention import native
+
+    monkeypatch.delenv("KVTUNER_CACHE", raising=False)
+    monkeypatch.setenv("KVTUNER_CACHE_DIR", str(tmp_path / "kv"))
+    assert models.cache_root() == tmp_path / "kv" / "models"
+    assert native.cache_dir() == tmp_path / "kv" / "native"
+    monkeypatch.setenv("KVTUNER_CACHE", str(tmp_path / "elsewhere"))
+    assert models.cache_root() == tmp_path / "elsewhere"
+    assert native.cache_dir() == tmp_path / "kv" / "native"
+    monkeypatch.delenv("KVTUNER_CACHE_DIR")
+    assert native.cache_dir() == Path.home() / ".cache" / "kvtuner" / "native"

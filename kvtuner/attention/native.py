@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from kvtuner import defaults
+
 SOURCE = Path(__file__).with_name("native.cpp")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w"]
 _STATE: dict[str, object] = {}
@@ -37,8 +39,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("KVTUNER_CACHE_DIR") or Path.home() / ".cache" / "kvtuner"
-    return Path(root) / "native"
+    return defaults.cache_home() / "native"
 
 
 def _cpu_flags() -> str:
