@@ -256,8 +256,8 @@ def _decode_layer(q, sink, res, keys, values, bias) -> torch.Tensor:
         bias = tuple(None if part is None else part.contiguous() for part in bias)
     args = (q, sink, res, *_store_args(keys, values, bias))
     # the token axis of the stores (and of their bias) is unbacked: no guard on its size, so a
-    # growing context does not recompile (one recompile when a store's buffer first grows past its
-    # view: dynamo guards the packed codes' row stride against their length; measured, torch 2.13)
+    # growing context does not recompile (once, when a store's buffer first holds spare rows:
+    # dynamo guards whether the codes' batch stride equals their length; measured, torch 2.13)
     for t in (keys.packed, keys.scale, keys.zero, values.packed, values.scale, values.zero):
         if t.shape[2] > 1:
             torch._dynamo.decorators.mark_unbacked(t, 2)
