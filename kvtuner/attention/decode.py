@@ -135,7 +135,8 @@ def decode_attention(
     kv_heads = layer._heads
     g = heads // kv_heads
     visible = layer.pending if visible is None else visible
-    q = query.float().reshape(b, kv_heads, g, d) * scaling
+    # contiguous: the kernels index it densely (a batch's query may come in any layout)
+    q = (query.float().reshape(b, kv_heads, g, d) * scaling).contiguous()
     sink, res = layer._sink, layer._res
     stored = layer.stores.seq_len
     # a prompt shorter than the sinks (or KIVI's residual) leaves the stores empty for a while

@@ -139,6 +139,21 @@ def test_softcap_and_odd_head_dim():
     assert relative_error(fused, plain) <= 1e-4
 
 
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
+def test_a_query_in_any_memory_layout(scheme):
+    """A batch's query need not be contiguous (a projection that writes batch-minor output, a
+    slice of a fused q/k/v projection): the answer is the contiguous query's."""
+    layout = Layout(scheme=scheme, block_size=8, residual_length=8, sink_tokens=4)
+    layer = filled_layer(PrecisionPair(4, 2), layout, batch=3)
+    q = query(batch=3)
+    strided = q.permute(3, 1, 2, 0).contiguous().permute(3, 1, 2, 0)  # batch is the fastest axis
+    assert not strided.is_contiguous() and torch.equal(strided, q)
+    fused = decode.decode_attention(strided, layer, None, HEAD_DIM**-0.5)
+    assert torch.equal(fused, decode.decode_attention(q, layer, None, HEAD_DIM**-0.5))
+    _, plain = both(layer, q)
+    assert relative_error(fused, plain) <= 1e-4
+
+
 def test_long_history_is_chunked_eagerly_and_matches(monkeypatch):
     """Past EAGER_CHUNK tokens the eager kernels work chunk by chunk (bounded float codes)."""
     from kvtuner.attention import kernels
