@@ -254,6 +254,10 @@ def load_config_without_model(
     if isinstance(source, PrecisionConfig) or Path(source).expanduser().is_file():
         return load_config(source, scheme=scheme)
     if _spec_or_none(str(source)) is not None:
+        if scheme is not None and scheme not in SCHEMES:
+            raise ConfigError(
+                f"{source}: scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}"
+            )
         return None
     return load_config(source, scheme=scheme)
 

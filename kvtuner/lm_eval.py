@@ -39,6 +39,7 @@ Where the cache is used:
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -214,6 +215,34 @@ def _precision(model: Any, kv_config: Any, scheme: str | None) -> Any:
     return load_config(source, num_layers=num_layers, scheme=scheme)
 
 
+def _check_model_args(argv: Sequence[str]) -> None:
+    """With `--model kvtuner`: ConfigError for a bad `kv_config`, `scheme` or `chunk` in
+    `--model_args` (`k=v,k=v`, `k=v k=v` or JSON), as the model would raise once built."""
+    args, model, i = {}, None, 0
+    while i < len(argv):
+        flag, _, inline = argv[i].partition("=")
+        if flag == "--model":
+            model = inline or (argv[i + 1] if i + 1 < len(argv) else None)
+        elif flag in ("--model_args", "-a"):
+            values = [inline] if inline else []
+            while not inline and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                i += 1
+                values.append(argv[i])
+            for value in values:
+                try:
+                    parsed = json.loads(value)
+                except ValueError:
+                    parsed = dict(item.split("=", 1) for item in value.split(",") if "=" in item)
+                args.update(parsed if isinstance(parsed, dict) else {})
+        i += 1
+    if model != MODEL_NAME:
+        return
+    chunk = args.get("chunk", defaults.EVAL_CHUNK)
+    if not str(chunk).lstrip("-").isdigit() or int(chunk) < 1:
+        raise ConfigError(f"chunk must be at least 1; got {chunk}")
+    _early_precision(args.get("kv_config"), args.get("scheme"))
+
+
 def register() -> None:
     """Register `KVTunerLM` with lm-eval as `kvtuner` (idempotent)."""
     from lm_eval.api.registry import model_registry
@@ -229,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     register()
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
     try:
+        _check_model_args(sys.argv[1:])  # before lm-eval indexes its tasks (10 s or more)
         cli_evaluate()
     except KVTunerError as exc:
         print(f"kvtuner: error: {exc}", file=sys.stderr)

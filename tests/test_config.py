@@ -273,3 +273,6 @@ def test_load_config_without_model(tmp_path):
         load_config_without_model("KV3")
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config_without_model("nope.yaml")
+    assert load_config_without_model("K8V4", scheme="kivi") is None
+    with pytest.raises(ConfigError, match="K8V4: scheme must be one of per-token, kivi; got 'x'"):
+        load_config_without_model("K8V4", scheme="x")

@@ -177,22 +177,42 @@ def test_command_line_wrapper_runs_a_local_task(setup, tmp_path):
     assert results["results"]["tiny_mc"]["acc,none"] == in_process["acc,none"]
 
 
-def test_bad_kv_config_is_one_line_and_exit_2(setup, capsys):
+@pytest.mark.parametrize(
+    ("model_args", "named"),
+    [
+        ("pretrained={root},kv_config=KV3", "KV3"),  # k=v,k=v
+        ("pretrained={root} kv_config=KV3", "KV3"),  # k=v k=v
+        ('{{"pretrained":"{root}","kv_config":"K4V5"}}', "K4V5"),  # JSON
+        ("pretrained={root},kv_config={missing}", "missing.yaml"),
+        ("pretrained={root},kv_config=KV4,scheme=per-row", "per-row"),
+        ("pretrained={root},chunk=0", "chunk"),
+    ],
+)
+def test_bad_model_args_are_one_line_and_exit_2_before_lm_eval_starts(
+    setup, capsys, monkeypatch, tmp_path, model_args, named
+):
+    """A bad kv_config, scheme or chunk fails at once, not after lm-eval has indexed its tasks."""
     root, tasks, _ = setup
-    rc = kvtuner.lm_eval.main(
-        [
-            "--model",
-            "kvtuner",
-            "--model_args",
-            f"pretrained={root / 'tiny-llama'},kv_config=KV3",
-            "--tasks",
-            "tiny_mc",
-            "--include_path",
-            str(tasks),
-            "--device",
-            "cpu",
-        ]
+    monkeypatch.setattr(
+        "lm_eval.__main__.cli_evaluate", lambda: pytest.fail("lm-eval started with bad arguments")
     )
+    args = model_args.format(root=root / "tiny-llama", missing=tmp_path / "missing.yaml")
+    argv = ["--model", "kvtuner", "--model_args", *args.split(" ", 1)]
+    rc = kvtuner.lm_eval.main([*argv, "--tasks", "tiny_mc", "--include_path", str(tasks)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
-    assert err[-1].startswith("kvtuner: error:") and "KV3" in err[-1]
+    assert len(err) == 1 and err[0].startswith("kvtuner: error:") and named in err[0]
+
+
+def test_good_model_args_reach_lm_eval_and_the_model_checks_them_too(setup, monkeypatch):
+    root, tasks, _ = setup
+    started = []
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: started.append(1))
+    args = f"pretrained={root / 'tiny-llama'},kv_config=KV4,scheme=kivi"
+    assert kvtuner.lm_eval.main(["--model", "kvtuner", "--model_args", args]) == 0
+    assert started == [1]
+    # another model's arguments are lm-eval's business
+    assert kvtuner.lm_eval.main(["--model", "hf", "--model_args", "kv_config=KV3"]) == 0
+    assert started == [1, 1]
+    with pytest.raises(kvtuner.errors.ConfigError, match="KV3"):
+        kvtuner.lm_eval.KVTunerLM(pretrained=str(root / "tiny-llama"), kv_config="KV3")
