@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import optuna
@@ -21,34 +23,43 @@ def checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
-@pytest.fixture
-def searched(tmp_path, monkeypatch, checkpoint, capsys):
-    """A working folder with a calibration and a finished 10-trial proxy search."""
-    write_calibration(tmp_path / "calibration")
-    monkeypatch.chdir(tmp_path)
-    rc = main(
-        [
-            "search",
-            "--model",
-            str(checkpoint),
-            "--objective",
-            "proxy",
-            "--trials",
-            "10",
-            "--population",
-            "4",
-            "--space",
-            "groups",
-            "--budget",
-            "equivalent",
-            "--max-bits",
-            "3,3.5,4,6",
-            "--json",
-        ]
-    )
+@pytest.fixture(scope="module")
+def searched_once(tmp_path_factory, checkpoint):
+    """A working folder with a calibration and a finished 10-trial proxy search (one per module:
+    the tests read it, and those that try to change it check that it stayed as it was)."""
+    folder = tmp_path_factory.mktemp("searched")
+    write_calibration(folder / "calibration")
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+        patch.chdir(folder)
+        rc = main(
+            [
+                "search",
+                "--model",
+                str(checkpoint),
+                "--objective",
+                "proxy",
+                "--trials",
+                "10",
+                "--population",
+                "4",
+                "--space",
+                "groups",
+                "--budget",
+                "equivalent",
+                "--max-bits",
+                "3,3.5,4,6",
+                "--json",
+            ]
+        )
     assert rc == 0
-    summary = json.loads(capsys.readouterr().out)
-    return tmp_path, summary
+    return folder, json.loads(out.getvalue())
+
+
+@pytest.fixture
+def searched(searched_once, monkeypatch):
+    monkeypatch.chdir(searched_once[0])
+    return searched_once
 
 
 def study_state(folder):
