@@ -245,22 +245,31 @@ MARGIN = 0.5
 KV8_LOGITS = 1.0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
-def test_embedded_gemma_fp16_identical_and_kv8_keeps_16_tokens(gemma, scheme):
-    """Gemma 3 270M (sliding + full layers): fp16 is exact; KV8, fed dense's first 16 greedy tokens,
-    picks each one wherever dense leads by more than `MARGIN`; KV2 per token changes the text."""
+@pytest.fixture(scope="module")
+def gemma_dense(gemma):
+    """Gemma 3 on the README's quick-start prompt with the dense cache: the prompt's ids, 32
+    greedy tokens, and the logits of the first 16 of them decoded one a step (both schemes')."""
     model, tokenizer = gemma.model, gemma.tokenizer
-    text = "The history of"  # the README's quick-start prompt
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    ids = tokenizer("The history of", return_tensors="pt")["input_ids"]
     reference = greedy(model, ids, DynamicCache(config=model.config))
-    fp16 = kvtuner.quantized_cache(model, "fp16", scheme=scheme)
-    assert torch.equal(greedy(model, ids, fp16), reference)
-    tokens = reference[:, :16]
-    forced = torch.cat([ids, tokens], dim=1)  # decoded one token a step after the prompt
+    forced = torch.cat([ids, reference[:, :16]], dim=1)
     protocol = EvalProtocol(context=ids.shape[1], continuation=16, chunk=1)
     with torch.no_grad():
         dense = continuation_logits(model, forced, DynamicCache(config=model.config), protocol)[0]
+    return ids, reference, forced, protocol, dense
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
+def test_embedded_gemma_fp16_identical_and_kv8_keeps_16_tokens(gemma, gemma_dense, scheme):
+    """Gemma 3 270M (sliding + full layers): fp16 is exact; KV8, fed dense's first 16 greedy tokens,
+    picks each one wherever dense leads by more than `MARGIN`; KV2 per token changes the text."""
+    model = gemma.model
+    ids, reference, forced, protocol, dense = gemma_dense
+    fp16 = kvtuner.quantized_cache(model, "fp16", scheme=scheme)
+    assert torch.equal(greedy(model, ids, fp16), reference)
+    tokens = reference[:, :16]
+    with torch.no_grad():
         kv8_cache = kvtuner.quantized_cache(model, "KV8", scheme=scheme)
         kv8 = continuation_logits(model, forced, kv8_cache, protocol)[0]
     assert torch.equal(dense.argmax(-1), tokens[0])
