@@ -2,7 +2,9 @@
 
 For both schemes, uniform KV8 / KV4 / K4V2 and a shipped searched config, the dequantize-then-
 attend path (`fused_attention=False`) decodes 32 greedy tokens after a 200-token prompt (long
-enough that KIVI's stores hold packed blocks, not only the residual). At every step a copy of
+enough that KIVI's stores hold packed blocks, not only the residual). The prompt's forward is
+exact under every config, so it runs once per model and is replayed into each config's cache
+(`kvtuner.evaluate.replay`, as the KL evaluation fills its caches). At every step a copy of
 that cache, with the fused path on, runs the same token: both read the same stored history, so
 what differs is the attention arithmetic alone. The fused path must pick the same token at every
 step where today's path leads by more than `MARGIN` logits, and at 31 of 32 steps in all.
@@ -26,8 +28,9 @@ import torch
 
 import kvtuner
 from kvtuner.attention import interface
-from kvtuner.compat import with_cache
+from kvtuner.compat import text_config, with_cache
 from kvtuner.data import heldout_text
+from kvtuner.evaluate import RecordingCache, prefill, replay
 
 SHIPPED = Path(__file__).resolve().parents[2] / "searched_configs"
 CONFIGS = ("KV8", "KV4", "K4V2", "kvtuner_c4.0.yaml")
@@ -38,18 +41,18 @@ KIVI_LOGITS = 1e-3
 
 
 @torch.no_grad()
-def paired_steps(model, ids, cache):
-    """Per greedy step of today's path: (its logits, the fused path's logits on a copy)."""
+def paired_steps(model, token, cache):
+    """Per greedy step of today's path from `token` (`[1, 1]`): (its logits, the fused path's
+    logits on a copy of the cache)."""
     cache.fused_attention = False
-    out = model(ids, **with_cache(model, cache), use_cache=True)
     steps = []
     for _ in range(TOKENS):
-        token = out.logits[:, -1:].argmax(-1)
         shadow = copy.deepcopy(cache)
         shadow.fused_attention = True
         fused = model(token, **with_cache(model, shadow), use_cache=True).logits[0, -1]
-        out = model(token, **with_cache(model, cache), use_cache=True)
-        steps.append((out.logits[0, -1], fused))
+        plain = model(token, **with_cache(model, cache), use_cache=True).logits[0, -1]
+        steps.append((plain, fused))
+        token = plain.argmax().view(1, 1)
     return steps
 
 
@@ -66,12 +69,17 @@ def test_fused_decoding_picks_todays_tokens(monkeypatch, request, fixture):
     monkeypatch.setattr(
         interface, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
+    # the prompt's forward is exact under every config: run once, then replayed into each cache
+    dense = RecordingCache(config=text_config(model.config))
+    with torch.no_grad():
+        first = prefill(model, ids, dense).logits[:, -1:].argmax(-1)
+    recorded = dense.recorded
     for scheme in ("per-token", "kivi"):
         for spec in CONFIGS:
             yaml = spec.endswith(".yaml")
             config = SHIPPED / name / scheme / spec if yaml else spec
             cache = kvtuner.quantized_cache(model, config, scheme=None if yaml else scheme)
-            steps = paired_steps(model, ids, cache)
+            steps = paired_steps(model, first, replay(cache, recorded))
             assert len(calls) >= TOKENS * len(cache.layers)  # the fused path really ran
             case = f"{name} {scheme} {spec}"
             same = 0
