@@ -28,8 +28,10 @@ install: $(VENV)/.installed
 run: install
 	$(PY) scripts/run_main.py --model $(MODEL)
 
+# two pytest workers, a test file each at a time (xdist): a decode step leaves a core idle
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # the result tables (docs/results.md, the README's summary) and plots (about 30 minutes on 2 cores; peers: transformers QuantizedCache)
 reproduce: install

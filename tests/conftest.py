@@ -14,6 +14,14 @@ DEVICE = torch.device(os.environ.get("KVTUNER_TEST_DEVICE", "cpu"))
 
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma3")
 
+# under pytest-xdist (`make test` runs two workers) each worker gets its share of the cores, and so
+# do the command-line runs it starts: a decode step is bound by memory and Python, not by threads
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (_CORES or 1) // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @contextlib.contextmanager
 def host_sync_refused(monkeypatch, device: torch.device):
