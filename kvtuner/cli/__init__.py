@@ -37,6 +37,12 @@ def _register_commands() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != f"kvtuner.cli.{name}":
                 raise
+    for info in app.registered_commands:
+        # `kvtuner --help` lists each command by its docstring's first paragraph, line breaks
+        # and all: one line, for the listing to wrap it
+        doc = info.callback.__doc__ if info.callback else None
+        if info.short_help is None and doc:
+            info.short_help = " ".join(doc.split("\n\n")[0].split())
 
 
 def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:

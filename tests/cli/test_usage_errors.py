@@ -156,6 +156,17 @@ def test_help_still_works(capsys, args):
     assert "Usage" in out and err == ""
 
 
+def test_the_command_list_wraps_each_summary_as_one_paragraph(capsys, monkeypatch):
+    """`kvtuner --help` on a wide terminal: a command's summary is not broken where its
+    docstring's lines end."""
+    monkeypatch.setenv("COLUMNS", "400")
+    rc, out, _ = run(capsys, "--help")
+    assert rc == 0
+    for name in ("show", "calibrate", "search"):
+        (line,) = [row for row in out.splitlines() if row.startswith(f"│ {name} ")]
+        assert "engine" in line and line.rstrip(" │").endswith(".")  # the whole summary
+
+
 def test_console_script():
     script = Path(sys.executable).with_name("kvtuner")
     if not script.exists():
