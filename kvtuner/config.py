@@ -79,10 +79,7 @@ class PrecisionConfig:
             raise ConfigError(
                 f"{where}: layers: need one PrecisionPair per layer, got {self.layers!r}"
             )
-        if self.scheme not in SCHEMES:
-            raise ConfigError(
-                f"{where}: scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}"
-            )
+        check_scheme(self.scheme, where)
         kivi = self.scheme == "kivi"
         if self.residual_length is None:
             residual = defaults.KIVI_RESIDUAL_LENGTH if kivi else 0
@@ -254,12 +251,16 @@ def load_config_without_model(
     if isinstance(source, PrecisionConfig) or Path(source).expanduser().is_file():
         return load_config(source, scheme=scheme)
     if _spec_or_none(str(source)) is not None:
-        if scheme is not None and scheme not in SCHEMES:
-            raise ConfigError(
-                f"{source}: scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}"
-            )
+        if scheme is not None:
+            check_scheme(scheme, str(source))
         return None
     return load_config(source, scheme=scheme)
+
+
+def check_scheme(scheme: Any, where: str) -> None:
+    """ConfigError unless `scheme` is one kvtuner stores."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"{where}: scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}")
 
 
 def check_num_layers(config: PrecisionConfig, num_layers: int) -> None:

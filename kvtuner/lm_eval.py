@@ -77,8 +77,7 @@ class KVTunerLM(HFLM):
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if int(chunk) < 1:
-            raise ConfigError(f"chunk must be at least 1; got {chunk}")
+        chunk = _chunk(chunk)
         early = _early_precision(kv_config, scheme)  # a bad config fails before the model load
         device = _device(device)
         if isinstance(pretrained, str) and _kvtuner_source(pretrained):
@@ -91,7 +90,7 @@ class KVTunerLM(HFLM):
         super().__init__(pretrained=pretrained, device=device, **kwargs)
         self.scheme = scheme
         self.quantize_prefill = bool(quantize_prefill)
-        self.chunk = int(chunk)
+        self.chunk = chunk
         self.kv_config = _precision(self.model, early or kv_config, scheme)
 
     # -- the cache -----------------------------------------------------------------------------
@@ -215,6 +214,13 @@ def _precision(model: Any, kv_config: Any, scheme: str | None) -> Any:
     return load_config(source, num_layers=num_layers, scheme=scheme)
 
 
+def _chunk(value: Any) -> int:
+    """The scoring chunk `value` (an int or its text) as an int; ConfigError below 1."""
+    if not str(value).lstrip("-").isdigit() or int(value) < 1:
+        raise ConfigError(f"chunk must be at least 1; got {value}")
+    return int(value)
+
+
 def _check_model_args(argv: Sequence[str]) -> None:
     """With `--model kvtuner`: ConfigError for a bad `kv_config`, `scheme` or `chunk` in
     `--model_args` (`k=v,k=v`, `k=v k=v` or JSON), as the model would raise once built."""
@@ -237,9 +243,7 @@ def _check_model_args(argv: Sequence[str]) -> None:
         i += 1
     if model != MODEL_NAME:
         return
-    chunk = args.get("chunk", defaults.EVAL_CHUNK)
-    if not str(chunk).lstrip("-").isdigit() or int(chunk) < 1:
-        raise ConfigError(f"chunk must be at least 1; got {chunk}")
+    _chunk(args.get("chunk", defaults.EVAL_CHUNK))
     _early_precision(args.get("kv_config"), args.get("scheme"))
 
 
