@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from kvtuner import defaults
+from kvtuner import defaults, machine
 from kvtuner.cache import KVTunerCache
 from kvtuner.compat import model_shape, output_cache, with_cache
 from kvtuner.config import PrecisionConfig
@@ -261,7 +261,8 @@ def run_bench(
     """Measure the config's cache, the dense cache (and transformers' QuantizedCache) at one context.
 
     Returns the `kvtuner bench --json` object: kv_bytes, dense_kv_bytes, tokens_per_s,
-    dense_tokens_per_s, speed_ratio, memory_ratio, effective_bits, memory by phase of each, rows.
+    dense_tokens_per_s, speed_ratio, memory_ratio, effective_bits, memory by phase of each, the
+    machine (`machine.describe`), rows.
     """
     device = next(model.parameters()).device
     ids = context_ids(tokenizer, context, device, batch)
@@ -324,6 +325,7 @@ def run_bench(
         if saved > 0
         else None,
         "greedy_agreement": agree,
+        "machine": machine.describe(device),
         "rows": rows,
     }
 

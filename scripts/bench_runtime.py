@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kvtuner.machine import summary
+
 # (model, config, contexts, decode steps, rounds[, peer bits]): the issue's targets first; the
 # first row also runs transformers' QuantizedCache (quanto, 4-bit) where optimum-quanto is installed
 RUNS = [
@@ -55,8 +57,11 @@ def table(paths: list[Path]) -> str:
         "QuantizedCache quanto 4-bit tok/s (KV MiB) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    machines: list[str] = []
     for path in paths:
         for r in json.loads(path.read_text())["contexts"]:
+            if "machine" in r and summary(r["machine"]) not in machines:
+                machines.append(summary(r["machine"]))
             saved = r["decode_memory_saved_fraction"]
             lines.append(
                 f"| {r['model']} | {r['config']} {r['scheme']} | {r['context']} | "
@@ -66,6 +71,8 @@ def table(paths: list[Path]) -> str:
                 f"{r['decode_level_memory_bytes'] / MIB:.0f} ({r['dense_decode_level_memory_bytes'] / MIB:.0f}) | "
                 f"{'' if saved is None else f'{saved:.0%}'} | {_peer(r)} |"
             )
+    if machines:
+        lines += ["", "Measured on " + "; ".join(machines) + "."]
     return "\n".join(lines)
 
 

@@ -140,10 +140,14 @@ def parse_contexts(text: str) -> list[int]:
 
 
 def print_result(result: dict) -> None:
+    from kvtuner.machine import summary
+
     print(
         f"{result['model']}, {result['dtype']} on {result['device']}, context {result['context']}, "
         f"batch {result['batch']}, {result['new_tokens']} decode steps, median of {result['rounds']}"
     )
+    if "machine" in result:
+        print(f"machine: {summary(result['machine'])}")
     print(f"{'cache':44} {'KV MiB':>9} {'tok/s':>8} {'prefill MiB':>12} {'decode MiB':>11}")
     for row in result["rows"]:
         print(

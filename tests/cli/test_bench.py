@@ -37,6 +37,8 @@ def test_bench_json_contract_and_bytes(capsys, checkpoint, scheme):
     assert out["memory_ratio"] == pytest.approx(out["kv_bytes"] / out["dense_kv_bytes"])
     assert out["tokens_per_s"] > 0 and out["dense_tokens_per_s"] > 0
     assert 0.0 <= out["greedy_agreement"] <= 1.0
+    assert out["machine"]["cpu"]  # what measured it
+    assert out["machine"]["threads"] >= 1 and out["machine"]["decode_path"]
     # the effective bits it reports are the memory model's at the tokens the cache really holds:
     # the context and each new token fed back (float32 model: 32 bits dense)
     shape = model_shape(load_model_config(str(checkpoint)))
@@ -60,6 +62,7 @@ def test_bench_table_output(capsys, checkpoint):
     assert rc == 0, captured.err
     assert "memory" in captured.out and "effective bits" in captured.out
     assert "kvtuner K8V4" in captured.out
+    assert "machine: " in captured.out and "threads, decode: " in captured.out
 
 
 def test_bench_unsupported_bits_is_one_line(capsys, checkpoint):
