@@ -4,7 +4,16 @@ One process: for each context, each round prefills the same `context` tokens (`b
 every cache kind in turn and times `new_tokens` greedy decode steps, so all see the same machine
 state; the tokens/s reported is the median over rounds. KV bytes are counted from the tensors each
 cache holds. Memory is the process's high-water mark (RSS sampled every 2 ms on CPU, allocated
-bytes on CUDA), per phase:
+bytes on CUDA), per phase.
+
+On the CPU with glibc, memory comes from one more (untimed) run of each kind after the timed
+rounds, with glibc's mmap threshold fixed at 128 KiB, so that every large tensor gets its own
+mapping and goes back to the OS when freed: RSS then follows live memory. With glibc's default
+(a threshold that rises to the largest block freed), freed blocks stay on the heap and the same
+8000-token prefill's peak moved between 386 and 816 MiB from round to round. The timed rounds run
+with the threshold fixed at 32 MiB, glibc's ceiling for it, so that they too do not depend on
+what ran before; both settings last for the rest of the process. Elsewhere (CUDA, other C
+libraries) memory comes from the last timed round. The phases:
 
 - prefill peak: above the level before the prompt's forward;
 - decode peak: above the level right after prefill, while decoding (what decoding itself adds);
@@ -42,6 +51,20 @@ def _page_size() -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE")
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LIVE_MMAP_THRESHOLD = 128 * 1024  # glibc's default start: RSS follows live memory
+TIMED_MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling for the dynamic threshold (64-bit)
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Fix glibc's mmap threshold (allocations of at least `nbytes` get their own mapping, returned
+    to the OS when freed); False where the C library has no `mallopt` (not glibc)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
 
 
 def _release_freed_memory() -> None:
@@ -261,8 +284,8 @@ def run_bench(
     """Measure the config's cache, the dense cache (and transformers' QuantizedCache) at one context.
 
     Returns the `kvtuner bench --json` object: kv_bytes, dense_kv_bytes, tokens_per_s,
-    dense_tokens_per_s, speed_ratio, memory_ratio, effective_bits, memory by phase of each, the
-    machine (`machine.describe`), rows.
+    dense_tokens_per_s, speed_ratio, memory_ratio, effective_bits, memory by phase of each and
+    where it came from (memory_source), the machine (`machine.describe`), rows.
     """
     device = next(model.parameters()).device
     ids = context_ids(tokenizer, context, device, batch)
@@ -272,6 +295,7 @@ def run_bench(
     )  # fmt: skip
     speeds: dict[str, list[float]] = {name: [] for name, _ in kinds}
     last: dict[str, Run] = {}
+    live_rss = device.type == "cpu" and set_mmap_threshold(TIMED_MMAP_THRESHOLD)
     # one untimed warm-up per kind (kernel compilation, allocator pools; the compiled graphs do
     # not depend on the context, so at most WARMUP_CONTEXT tokens), then interleaved rounds
     for name, make in kinds:
@@ -287,11 +311,20 @@ def run_bench(
             del cache
             speeds[name].append(run.tokens_per_s)
             last[name] = run
-    rows = [_row(name, last[name], statistics.median(speeds[name])) for name, _ in kinds]
-    ours, dense = last[kinds[0][0]], last[kinds[1][0]]
+    memory = dict(last)
+    if live_rss and set_mmap_threshold(LIVE_MMAP_THRESHOLD):
+        for name, make in kinds:
+            if progress:
+                progress(f"context {context}, memory: {name}")
+            memory[name] = _decode(model, ids, make(), new_tokens)
+        set_mmap_threshold(TIMED_MMAP_THRESHOLD)
+    rows = [
+        _row(name, last[name], memory[name], statistics.median(speeds[name])) for name, _ in kinds
+    ]
+    ours, dense = memory[kinds[0][0]], memory[kinds[1][0]]
     shape = model_shape(model.config)
     dtype_bits = torch.finfo(next(model.parameters()).dtype).bits
-    steps = list(zip(ours.tokens, dense.tokens))
+    steps = list(zip(last[kinds[0][0]].tokens, last[kinds[1][0]].tokens))
     agree = sum(a == b for pair in steps for a, b in zip(*pair)) / (len(steps) * batch)
     saved = dense.kv_bytes - ours.kv_bytes
     return {
@@ -325,17 +358,27 @@ def run_bench(
         if saved > 0
         else None,
         "greedy_agreement": agree,
+        "memory_source": _memory_source(device, live_rss),
         "machine": machine.describe(device),
         "rows": rows,
     }
 
 
-def _row(name: str, run: Run, tokens_per_s: float) -> dict[str, Any]:
+def _memory_source(device: torch.device, live_rss: bool) -> str:
+    if device.type == "cuda":
+        return "CUDA allocated bytes, last timed round"
+    if live_rss:
+        return "RSS, an untimed run with glibc's mmap threshold at 128 KiB (live memory)"
+    return "RSS, last timed round"
+
+
+def _row(name: str, timed: Run, run: Run, tokens_per_s: float) -> dict[str, Any]:
+    """One cache kind's row: speed from the timed rounds, bytes and memory from `run`."""
     return {
         "name": name,
         "kv_bytes": run.kv_bytes,
         "tokens_per_s": tokens_per_s,
-        "prefill_s": run.prefill_s,
+        "prefill_s": timed.prefill_s,
         "peak_memory_bytes": max(run.prefill_peak, run.decode_level),
         "prefill_peak_memory_bytes": run.prefill_peak,
         "decode_peak_memory_bytes": run.decode_peak,

@@ -39,6 +39,7 @@ def test_bench_json_contract_and_bytes(capsys, checkpoint, scheme):
     assert 0.0 <= out["greedy_agreement"] <= 1.0
     assert out["machine"]["cpu"]  # what measured it
     assert out["machine"]["threads"] >= 1 and out["machine"]["decode_path"]
+    assert out["memory_source"].startswith("RSS")
     # the effective bits it reports are the memory model's at the tokens the cache really holds:
     # the context and each new token fed back (float32 model: 32 bits dense)
     shape = model_shape(load_model_config(str(checkpoint)))
