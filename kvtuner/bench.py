@@ -6,14 +6,15 @@ state; the tokens/s reported is the median over rounds. KV bytes are counted fro
 cache holds. Memory is the process's high-water mark (RSS sampled every 2 ms on CPU, allocated
 bytes on CUDA), per phase.
 
-On the CPU with glibc, memory comes from one more (untimed) run of each kind after the timed
-rounds, with glibc's mmap threshold fixed at 128 KiB, so that every large tensor gets its own
-mapping and goes back to the OS when freed: RSS then follows live memory. With glibc's default
-(a threshold that rises to the largest block freed), freed blocks stay on the heap and the same
-8000-token prefill's peak moved between 386 and 816 MiB from round to round. The timed rounds run
-with the threshold fixed at 32 MiB, glibc's ceiling for it, so that they too do not depend on
-what ran before; both settings last for the rest of the process. Elsewhere (CUDA, other C
-libraries) memory comes from the last timed round. The phases:
+On the CPU with glibc, memory comes from one more (untimed) run of each kind before the timed
+rounds, with glibc's mmap threshold fixed at 128 KiB (as are the warm-ups before it), so that
+every large tensor gets its own mapping and goes back to the OS when freed: RSS then follows live
+memory. With glibc's default (a threshold that rises to the largest block freed), freed blocks
+stay on the heap and the same 8000-token prefill's peak moved between 386 and 816 MiB from round
+to round. The timed rounds run with the threshold fixed at 32 MiB, glibc's ceiling for it: at
+128 KiB every new tensor is mapped afresh, which slowed the dense cache's decoding (a new history
+tensor per layer and step) by up to half. Both settings last for the rest of the process.
+Elsewhere (CUDA, other C libraries) memory comes from the last timed round. The phases:
 
 - prefill peak: above the level before the prompt's forward;
 - decode peak: above the level right after prefill, while decoding (what decoding itself adds);
@@ -295,13 +296,21 @@ def run_bench(
     )  # fmt: skip
     speeds: dict[str, list[float]] = {name: [] for name, _ in kinds}
     last: dict[str, Run] = {}
-    live_rss = device.type == "cpu" and set_mmap_threshold(TIMED_MMAP_THRESHOLD)
-    # one untimed warm-up per kind (kernel compilation, allocator pools; the compiled graphs do
-    # not depend on the context, so at most WARMUP_CONTEXT tokens), then interleaved rounds
+    memory: dict[str, Run] = {}
+    live_rss = device.type == "cpu" and set_mmap_threshold(LIVE_MMAP_THRESHOLD)
+    # one untimed warm-up per kind (kernel compilation, allocator pools, first-call buffers; the
+    # compiled graphs do not depend on the context, so at most WARMUP_CONTEXT tokens); then, on the
+    # CPU, the memory run of each kind; then the timed rounds, interleaved
     for name, make in kinds:
         if progress:
             progress(f"context {context}: warm-up {name}")
         _decode(model, ids[:, :WARMUP_CONTEXT], make(), 2)
+    if live_rss:
+        for name, make in kinds:
+            if progress:
+                progress(f"context {context}, memory: {name}")
+            memory[name] = _decode(model, ids, make(), new_tokens)
+        set_mmap_threshold(TIMED_MMAP_THRESHOLD)
     for round_index in range(rounds):
         for name, make in kinds:
             if progress:
@@ -311,13 +320,7 @@ def run_bench(
             del cache
             speeds[name].append(run.tokens_per_s)
             last[name] = run
-    memory = dict(last)
-    if live_rss and set_mmap_threshold(LIVE_MMAP_THRESHOLD):
-        for name, make in kinds:
-            if progress:
-                progress(f"context {context}, memory: {name}")
-            memory[name] = _decode(model, ids, make(), new_tokens)
-        set_mmap_threshold(TIMED_MMAP_THRESHOLD)
+    memory = memory or dict(last)
     rows = [
         _row(name, last[name], memory[name], statistics.median(speeds[name])) for name, _ in kinds
     ]
