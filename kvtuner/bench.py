@@ -13,7 +13,7 @@ memory. With glibc's default (a threshold that rises to the largest block freed)
 stay on the heap and the same 8000-token prefill's peak moved between 386 and 816 MiB from round
 to round. The timed rounds run with the threshold fixed at 32 MiB, glibc's ceiling for it: at
 128 KiB every new tensor is mapped afresh, which slowed the dense cache's decoding (a new history
-tensor per layer and step) by up to half. Both settings last for the rest of the process.
+tensor per layer and step) by about half in one measurement. Both settings last for the rest of the process.
 Elsewhere (CUDA, other C libraries) memory comes from the last timed round. The phases:
 
 - prefill peak: above the level before the prompt's forward;
@@ -59,21 +59,23 @@ LIVE_MMAP_THRESHOLD = 128 * 1024  # glibc's default start: RSS follows live memo
 TIMED_MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling for the dynamic threshold (64-bit)
 
 
-def set_mmap_threshold(nbytes: int) -> bool:
-    """Fix glibc's mmap threshold (allocations of at least `nbytes` get their own mapping, returned
-    to the OS when freed); False where the C library has no `mallopt` (not glibc)."""
+def _glibc(function: str, *args: int) -> bool:
+    """Call glibc's malloc `function`; False where the C library has none (not glibc)."""
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes))
+        return bool(getattr(ctypes.CDLL("libc.so.6"), function)(*args))
     except (OSError, AttributeError):
         return False
 
 
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Fix glibc's mmap threshold (allocations of at least `nbytes` get their own mapping, returned
+    to the OS when freed); False where the C library has no `mallopt` (not glibc)."""
+    return _glibc("mallopt", M_MMAP_THRESHOLD, nbytes)
+
+
 def _release_freed_memory() -> None:
     """Give freed heap pages back to the OS so the next run's RSS starts from a clean level."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    _glibc("malloc_trim", 0)
 
 
 @contextmanager

@@ -60,8 +60,9 @@ def table(paths: list[Path]) -> str:
     machines: list[str] = []
     for path in paths:
         for r in json.loads(path.read_text())["contexts"]:
-            if "machine" in r and summary(r["machine"]) not in machines:
-                machines.append(summary(r["machine"]))
+            where = summary(r["machine"]) if "machine" in r else None
+            if where and where not in machines:
+                machines.append(where)
             saved = r["decode_memory_saved_fraction"]
             lines.append(
                 f"| {r['model']} | {r['config']} {r['scheme']} | {r['context']} | "

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from kvtuner import machine
+from kvtuner import defaults, machine
 from kvtuner.attention import decode
 from kvtuner.cache import QuantizedKVLayer
 from kvtuner.precision import Layout, PrecisionPair
@@ -31,7 +31,7 @@ def filled_layer(key_bits: int, value_bits: int, scheme: str, kv_heads: int, hea
                  tokens: int) -> QuantizedKVLayer:  # fmt: skip
     """A layer holding a `tokens - 1`-token prompt and one decode token, left for the attention."""
     gen = torch.Generator().manual_seed(0)
-    residual = 32 if scheme == "kivi" else 0
+    residual = defaults.KIVI_RESIDUAL_LENGTH if scheme == "kivi" else 0
     layer = QuantizedKVLayer(
         PrecisionPair(key_bits, value_bits), Layout(scheme=scheme, residual_length=residual)
     )
@@ -67,7 +67,7 @@ def main() -> None:
             for _ in range(args.calls):
                 decode.decode_attention(query, layer, None, scale)
             times[name].append((time.perf_counter() - start) / args.calls * 1000)
-    print(f"{machine.summary(machine.describe('cpu'))}")
+    print(machine.summary(machine.describe("cpu")))
     print(
         f"{args.tokens} tokens, {args.heads} query / {args.kv_heads} KV heads, head_dim {args.head_dim}"
     )
