@@ -132,6 +132,18 @@ inline float hsum(v16 v) {
 }
 
 
+// 16 values of any float type -> float32 lanes
+template <typename T>
+inline v16 load16_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load16(p);
+  } else {
+    alignas(64) float lanes[16];
+    for (int l = 0; l < 16; ++l) lanes[l] = static_cast<float>(p[l]);
+    return load16(lanes);
+  }
+}
+
 // exp(x) for x <= 0 (a score minus its row's maximum) on 16 lanes; x < -87 (and -inf) gives 0.
 // Cephes' expf: 2^n * p(r) with |r| <= ln(2)/2, relative error about 2e-7; n rounded to nearest
 // by the 1.5 * 2^23 trick (|x log2 e| < 2^22).
@@ -415,15 +427,19 @@ void Layer<T>::run_stored(const Item& item, float* scores, float* partial) const
       const int64_t token = item.first + t;
       if (token / k.group != block) {  // fold the block's channel scales into the query
         block = token / k.group;
-        const T* sb = k.scale + block * k.scale_stride;
-        const T* zb = k.zero + block * k.scale_stride;
+        v16 sb[V], zb[V];
+        for (int u = 0; u < V; ++u) {
+          sb[u] = load16_float(k.scale + block * k.scale_stride + 16 * u);
+          zb[u] = load16_float(k.zero + block * k.scale_stride + 16 * u);
+        }
         for (int i = 0; i < G; ++i) {
-          float acc = 0.0f;
-          for (int c = 0; c < D; ++c) {
-            qs[i * D + c] = qh[i * D + c] * static_cast<float>(sb[c]);
-            acc += qh[i * D + c] * static_cast<float>(zb[c]);
+          v16 acc = v16{};
+          for (int u = 0; u < V; ++u) {
+            const v16 qu = load16(qh + i * D + 16 * u);
+            store16(qs + i * D + 16 * u, qu * sb[u]);
+            acc += qu * zb[u];
           }
-          shift[i] = acc;
+          shift[i] = hsum(acc);
         }
       }
       unpack_row<D>(k.packed + token * k.packed_stride, k.bits, code);
