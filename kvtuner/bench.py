@@ -7,13 +7,14 @@ cache holds. Memory is the process's high-water mark (RSS sampled every 2 ms on 
 bytes on CUDA), per phase.
 
 On the CPU with glibc, memory comes from one more (untimed) run of each kind before the timed
-rounds, with glibc's mmap threshold fixed at 128 KiB (as in the warm-ups before it), so that
-every large tensor gets its own mapping and goes back to the OS when freed: RSS then follows live
-memory. With glibc's default (a threshold that rises to the largest block freed), freed blocks
-stay on the heap and the same 8000-token prefill's peak moved between 386 and 816 MiB from round
-to round. The timed rounds run with the threshold fixed at 32 MiB, glibc's ceiling for it: at
-128 KiB every new tensor is mapped afresh, which slowed the dense cache's decoding (a new history
-tensor per layer and step) by about half in one measurement. Both settings last for the rest of the process.
+rounds (of every context, when there are several), with glibc's mmap threshold fixed at 128 KiB
+(as in the warm-ups before it), so that every large tensor gets its own mapping and goes back to
+the OS when freed: RSS then follows live memory. With glibc's default (a threshold that rises to
+the largest block freed), freed blocks stay on the heap and the same 8000-token prefill's peak
+moved between 386 and 816 MiB from round to round. The timed rounds run with the threshold fixed
+at 32 MiB, glibc's ceiling for it: at 128 KiB every new tensor is mapped afresh, which slowed the
+dense cache's decoding (a new history tensor per layer and step) by about half in one
+measurement. Both settings last for the rest of the process.
 Elsewhere (CUDA, other C libraries) memory comes from the last timed round. The phases:
 
 - prefill peak: above the level before the prompt's forward;
@@ -290,41 +291,118 @@ def run_bench(
     dense_tokens_per_s, speed_ratio, memory_ratio, effective_bits, memory by phase of each and
     where it came from (memory_source), the machine (`machine.describe`), rows.
     """
-    device = next(model.parameters()).device
-    ids = context_ids(tokenizer, context, device, batch)
-    kinds = cache_kinds(
-        model, config, tokens=context + new_tokens, peer_bits=peer_bits,
-        quantize_prefill=quantize_prefill,
-    )  # fmt: skip
-    speeds: dict[str, list[float]] = {name: [] for name, _ in kinds}
-    last: dict[str, Run] = {}
-    memory: dict[str, Run] = {}
-    live_rss = device.type == "cpu" and set_mmap_threshold(LIVE_MMAP_THRESHOLD)
-    # one untimed warm-up per kind (kernel compilation, allocator pools, first-call buffers; the
-    # compiled graphs do not depend on the context, so at most WARMUP_CONTEXT tokens, except the
-    # first kind's: the whole context, so that what the process keeps after its first prompt of
-    # this length (about 60 MiB at Qwen2.5's 16384 tokens) is not charged to the first memory run);
-    # then, on the CPU, the memory run of each kind; then the timed rounds, interleaved
-    for index, (name, make) in enumerate(kinds):
+    return run_benches(
+        model, tokenizer, config, contexts=[context], new_tokens=new_tokens, rounds=rounds,
+        batch=batch, peer_bits=peer_bits, quantize_prefill=quantize_prefill, progress=progress,
+    )[0]  # fmt: skip
+
+
+@dataclass
+class _Plan:
+    """One context's prompt and the cache kinds measured on it."""
+
+    context: int
+    ids: torch.Tensor  # [batch, context]
+    kinds: list[tuple[str, Callable[[], Any]]]
+
+    def say(self, progress: Callable[[str], None] | None, what: str) -> None:
         if progress:
-            progress(f"context {context}: warm-up {name}")
-        _decode(model, ids if index == 0 else ids[:, :WARMUP_CONTEXT], make(), 2)
+            progress(f"context {self.context}{what}")
+
+
+def run_benches(
+    model: Any,
+    tokenizer: Any,
+    config: PrecisionConfig,
+    *,
+    contexts: list[int],
+    new_tokens: int = 64,
+    rounds: int = 3,
+    batch: int = 1,
+    peer_bits: int | None = 4,
+    quantize_prefill: bool = defaults.QUANTIZE_PREFILL,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """`run_bench` at each of `contexts`, one result each, in their order.
+
+    On the CPU the warm-ups and memory runs of every context come before any timed round: a memory
+    run after another context's timed rounds (in the heap they leave at the 32 MiB threshold) read
+    tens of MiB high for both caches.
+    """
+    device = next(model.parameters()).device
+    plans = [
+        _Plan(context, context_ids(tokenizer, context, device, batch), cache_kinds(
+            model, config, tokens=context + new_tokens, peer_bits=peer_bits,
+            quantize_prefill=quantize_prefill,
+        ))
+        for context in contexts
+    ]  # fmt: skip
+    live_rss = device.type == "cpu" and set_mmap_threshold(LIVE_MMAP_THRESHOLD)
+    memory: list[dict[str, Run]] = []
+    for plan in plans:
+        _warm_up(model, plan, progress)
+        memory.append(_memory_runs(model, plan, new_tokens, progress) if live_rss else {})
     if live_rss:
-        for name, make in kinds:
-            if progress:
-                progress(f"context {context}, memory: {name}")
-            memory[name] = _decode(model, ids, make(), new_tokens)
         set_mmap_threshold(TIMED_MMAP_THRESHOLD)
+    results = []
+    for plan, runs in zip(plans, memory):
+        speeds, last = _timed_rounds(model, plan, new_tokens, rounds, progress)
+        result = _result(model, config, plan, new_tokens, rounds, speeds, last, runs or last)
+        results.append({**result, "memory_source": _memory_source(device, live_rss)})
+    return results
+
+
+def _warm_up(model: Any, plan: _Plan, progress: Callable[[str], None] | None) -> None:
+    """One untimed run per kind (kernel compilation, allocator pools, first-call buffers). The
+    compiled graphs do not depend on the context, so at most WARMUP_CONTEXT tokens, except the
+    first kind's: the whole context, so that what the process keeps after its first prompt of this
+    length (about 60 MiB at Qwen2.5's 16384 tokens) is not charged to the first memory run."""
+    for index, (name, make) in enumerate(plan.kinds):
+        plan.say(progress, f": warm-up {name}")
+        _decode(model, plan.ids if index == 0 else plan.ids[:, :WARMUP_CONTEXT], make(), 2)
+
+
+def _memory_runs(
+    model: Any, plan: _Plan, new_tokens: int, progress: Callable[[str], None] | None
+) -> dict[str, Run]:
+    """The untimed run of each kind that memory is read from (at the live mmap threshold)."""
+    runs = {}
+    for name, make in plan.kinds:
+        plan.say(progress, f", memory: {name}")
+        runs[name] = _decode(model, plan.ids, make(), new_tokens)
+    return runs
+
+
+def _timed_rounds(
+    model: Any, plan: _Plan, new_tokens: int, rounds: int, progress: Callable[[str], None] | None
+) -> tuple[dict[str, list[float]], dict[str, Run]]:
+    """`rounds` rounds of every kind in turn -> (tokens/s of each round, the last round's run)."""
+    speeds: dict[str, list[float]] = {name: [] for name, _ in plan.kinds}
+    last: dict[str, Run] = {}
     for round_index in range(rounds):
-        for name, make in kinds:
-            if progress:
-                progress(f"context {context}, round {round_index + 1}/{rounds}: {name}")
+        for name, make in plan.kinds:
+            plan.say(progress, f", round {round_index + 1}/{rounds}: {name}")
             cache = make()
-            run = _decode(model, ids, cache, new_tokens)
+            run = _decode(model, plan.ids, cache, new_tokens)
             del cache
             speeds[name].append(run.tokens_per_s)
             last[name] = run
-    memory = memory or dict(last)
+    return speeds, last
+
+
+def _result(
+    model: Any,
+    config: PrecisionConfig,
+    plan: _Plan,
+    new_tokens: int,
+    rounds: int,
+    speeds: dict[str, list[float]],
+    last: dict[str, Run],
+    memory: dict[str, Run],
+) -> dict[str, Any]:
+    """The JSON object of one context: speeds from the timed rounds, bytes and memory from `memory`."""
+    kinds, context, batch = plan.kinds, plan.context, plan.ids.shape[0]
+    device = next(model.parameters()).device
     rows = [
         _row(name, last[name], memory[name], statistics.median(speeds[name])) for name, _ in kinds
     ]
@@ -365,7 +443,6 @@ def run_bench(
         if saved > 0
         else None,
         "greedy_agreement": agree,
-        "memory_source": _memory_source(device, live_rss),
         "machine": machine.describe(device),
         "rows": rows,
     }

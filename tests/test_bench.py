@@ -43,3 +43,40 @@ def test_peak_memory_sees_a_block_held_inside_the_phase():
     finally:
         bench.set_mmap_threshold(bench.TIMED_MMAP_THRESHOLD)
     assert 44 * MIB < peak["peak"] < 60 * MIB
+
+
+def test_every_contexts_memory_runs_come_before_any_timed_round(monkeypatch):
+    """Several contexts in one process: each memory run sees the heap the live threshold keeps,
+    not the one another context's timed rounds left (it read tens of MiB high there)."""
+    from conftest import build_tiny_model, word_tokenizer
+
+    from kvtuner.config import load_config
+
+    log = []
+    real_decode, real_threshold = bench._decode, bench.set_mmap_threshold
+    monkeypatch.setattr(
+        bench,
+        "_decode",
+        lambda m, ids, c, n: log.append((ids.shape[1], n)) or real_decode(m, ids, c, n),
+    )
+    monkeypatch.setattr(
+        bench, "set_mmap_threshold", lambda b: log.append(("threshold", b)) or real_threshold(b)
+    )
+    model = build_tiny_model("llama", num_layers=2)
+    config = load_config("KV4", num_layers=2)
+    results = bench.run_benches(
+        model, word_tokenizer(), config, contexts=[40, 70], new_tokens=3, rounds=2, peer_bits=None
+    )
+    assert [r["context"] for r in results] == [40, 70]
+    live = ("threshold", bench.TIMED_MMAP_THRESHOLD) in log  # set after the live runs, if at all
+    timed = log.index(("threshold", bench.TIMED_MMAP_THRESHOLD)) if live else 0
+    runs = [entry for entry in log[timed:] if entry[0] != "threshold"]
+    assert runs == [(40, 3)] * 4 + [(70, 3)] * 4  # 2 rounds x 2 kinds, then the next context
+    if live:
+        before = [entry for entry in log[:timed] if entry[0] != "threshold"]
+        # warm-ups (the first kind's over the whole context), then 2 memory runs, per context
+        assert before == [(40, 2), (40, 2), (40, 3), (40, 3), (70, 2), (70, 2), (70, 3), (70, 3)]
+        assert all(r["memory_source"].startswith("RSS, an untimed run") for r in results)
+    for r in results:
+        assert r["rounds"] == 2 and r["batch"] == 1 and r["new_tokens"] == 3
+        assert 0 < r["kv_bytes"] < r["dense_kv_bytes"]

@@ -70,7 +70,7 @@ def bench(
 ) -> None:
     """Measure memory and decode speed of this cache, the dense DynamicCache (and transformers'
     QuantizedCache) in one run, at one or several contexts."""
-    from kvtuner.bench import longest_fit, run_bench
+    from kvtuner.bench import longest_fit, run_benches
     from kvtuner.config import load_config
     from kvtuner.errors import KVTunerError
     from kvtuner.models import load_model, load_model_config, text_config
@@ -87,22 +87,20 @@ def bench(
                 f"--context: {length} + {new_tokens} new tokens exceeds the model's {max_positions} positions"
             )
     loaded = load_model(model, device=device, dtype=dtype)
-    results = []
-    for length in lengths:
-        result = run_bench(
-            loaded.model,
-            loaded.tokenizer,
-            precision,
-            context=length,
-            new_tokens=new_tokens,
-            rounds=rounds,
-            batch=batch,
-            peer_bits=peer_bits or None,
-            quantize_prefill=quantize_prefill,
-            progress=None if json else (lambda msg: info(msg)),
-        )
+    results = run_benches(
+        loaded.model,
+        loaded.tokenizer,
+        precision,
+        contexts=lengths,
+        new_tokens=new_tokens,
+        rounds=rounds,
+        batch=batch,
+        peer_bits=peer_bits or None,
+        quantize_prefill=quantize_prefill,
+        progress=None if json else (lambda msg: info(msg)),
+    )
+    for result in results:
         result["model"] = loaded.name
-        results.append(result)
     fit = longest_fit(results, memory_limit, max_positions) if memory_limit else None
     if plot:
         from kvtuner.plots import plot_bench
