@@ -356,6 +356,8 @@ struct Layer {
   void softmax(const Item& item, float* scores, float* partial) const;
   template <int D, int G>
   void run_stored(const Item& item, float* scores, float* partial) const;
+  template <int D, int H>
+  void run_values(const Item& item, const float* scores, float* partial, int h0) const;
   template <int D>
   void run_stored_g(const Item& item, float* scores, float* partial) const;
 };
@@ -407,15 +409,15 @@ void Layer<T>::softmax(const Item& item, float* scores, float* partial) const {
 }
 
 // The stored part with head_dim D (a multiple of 16) and G query heads per KV head known at
-// compile time, groups of whole 16-channel vectors: codes are unpacked into registers and never
-// dequantized into memory. Keys: q.k = sum over groups of s (q . c) + z sum(q) (per-token groups),
-// or (q * s_block) . c + q . z_block (KIVI blocks); values: sum_t (p_t s_t) c_t + sum_t p_t z_t.
+// compile time, groups of whole 16-channel vectors: codes are unpacked and dequantized in
+// registers, never into memory, one row at a time for all the query heads that read it. Keys:
+// q . (s c + z) (per-token groups), or (q * s_block) . c + q . z_block (KIVI blocks: the block's
+// scales folded into the query once per block); values: sum_t p_t (s_t c_t + z_t).
 template <typename T>
 template <int D, int G>
 void Layer<T>::run_stored(const Item& item, float* scores, float* partial) const {
   constexpr int V = D / 16;
   const Rows<T>& k = keys[item.bh * 3 + 1];
-  const Rows<T>& v = values[item.bh * 3 + 1];
   const int64_t n = item.count;
   const float* qh = q_keys + item.bh * G * D;
   v16 code[V];
@@ -450,63 +452,66 @@ void Layer<T>::run_stored(const Item& item, float* scores, float* partial) const
       }
     }
   } else {
-    const int per_group = k.group / 16, groups = D / k.group;
     int kgroup_of[V];
-    for (int u = 0; u < V; ++u) kgroup_of[u] = u / per_group;
-    float qsum[G][V];  // per query head and group: sum of the query's channels
-    for (int i = 0; i < G; ++i)
-      for (int gi = 0; gi < groups; ++gi) {
-        float acc = 0.0f;
-        for (int c = gi * k.group; c < (gi + 1) * k.group; ++c) acc += qh[i * D + c];
-        qsum[i][gi] = acc;
-      }
+    for (int u = 0; u < V; ++u) kgroup_of[u] = u / (k.group / 16);
     for (int64_t t = 0; t < n; ++t) {
       const int64_t token = item.first + t;
       unpack_row<D>(k.packed + token * k.packed_stride, k.bits, code);
       const T* s = k.scale + token * k.scale_stride;
       const T* z = k.zero + token * k.scale_stride;
-      for (int u = 0; u < V; ++u) code[u] *= static_cast<float>(s[kgroup_of[u]]);
+      for (int u = 0; u < V; ++u)  // the key row, once for the G query heads
+        code[u] = code[u] * static_cast<float>(s[kgroup_of[u]]) + static_cast<float>(z[kgroup_of[u]]);
       for (int i = 0; i < G; ++i) {
         v16 acc = load16(qh + i * D) * code[0];
         for (int u = 1; u < V; ++u) acc += load16(qh + i * D + 16 * u) * code[u];
-        float shift = 0.0f;
-        for (int gi = 0; gi < groups; ++gi) shift += static_cast<float>(z[gi]) * qsum[i][gi];
-        scores[i * n + t] = hsum(acc) + shift;
+        scores[i * n + t] = hsum(acc);
       }
     }
   }
   softmax(item, scores, partial);
+  // values in passes of up to P query heads, so that the P * V accumulators stay in registers (all
+  // G heads at once kept them in memory: a load and a store per head, vector and token)
+  constexpr int P = D == 64 ? 4 : D == 128 ? 2 : 1;
+  for (int h0 = 0; h0 < G; h0 += P) {
+    switch (std::min(P, G - h0)) {
+      case 1: run_values<D, 1>(item, scores, partial, h0); break;
+      case 2: run_values<D, 2>(item, scores, partial, h0); break;
+      case 3: run_values<D, 3>(item, scores, partial, h0); break;
+      default: run_values<D, 4>(item, scores, partial, h0);
+    }
+  }
+}
+
+// The stored values of query heads [h0, h0 + H) of one item: sum_t p_t (s_t c_t + z_t), each row
+// dequantized once in registers for the H heads.
+template <typename T>
+template <int D, int H>
+void Layer<T>::run_values(const Item& item, const float* scores, float* partial, int h0) const {
+  constexpr int V = D / 16;
+  const Rows<T>& v = values[item.bh * 3 + 1];
+  const int64_t n = item.count;
   int group_of[V];
   for (int u = 0; u < V; ++u) group_of[u] = u / (v.group / 16);
-  v16 acc[G][V];
-  float zacc[G][V];  // per query head and vector of channels: sum_t p_t z_t of its group
-  for (int i = 0; i < G; ++i)
-    for (int u = 0; u < V; ++u) {
-      acc[i][u] = v16{};
-      zacc[i][u] = 0.0f;
-    }
-  float sf[V], zf[V];
+  v16 acc[H][V];
+  for (int i = 0; i < H; ++i)
+    for (int u = 0; u < V; ++u) acc[i][u] = v16{};
+  v16 code[V];
   for (int64_t t = 0; t < n; ++t) {
     const int64_t token = item.first + t;
     unpack_row<D>(v.packed + token * v.packed_stride, v.bits, code);
     const T* s = v.scale + token * v.scale_stride;
     const T* z = v.zero + token * v.scale_stride;
-    for (int u = 0; u < V; ++u) {
-      sf[u] = static_cast<float>(s[group_of[u]]);
-      zf[u] = static_cast<float>(z[group_of[u]]);
-    }
-    for (int i = 0; i < G; ++i) {
-      const float p = scores[i * n + t];
-      for (int u = 0; u < V; ++u) {
-        acc[i][u] += (p * sf[u]) * code[u];
-        zacc[i][u] += p * zf[u];
-      }
+    for (int u = 0; u < V; ++u)
+      code[u] = code[u] * static_cast<float>(s[group_of[u]]) + static_cast<float>(z[group_of[u]]);
+    for (int i = 0; i < H; ++i) {
+      const float p = scores[(h0 + i) * n + t];
+      for (int u = 0; u < V; ++u) acc[i][u] += p * code[u];
     }
   }
-  for (int i = 0; i < G; ++i) {
-    float* out = partial + i * (D + 2);
+  for (int i = 0; i < H; ++i) {
+    float* out = partial + (h0 + i) * (D + 2);
     for (int u = 0; u < V; ++u) {
-      v16 o = acc[i][u] + zacc[i][u];
+      v16 o = acc[i][u];
       if (v.channel_scale != nullptr) o *= load16(v.channel_scale + 16 * u);
       store16(out + 16 * u, o);
     }
