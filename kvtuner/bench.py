@@ -347,8 +347,10 @@ def run_benches(
     results = []
     for plan, runs in zip(plans, memory):
         speeds, last = _timed_rounds(model, plan, new_tokens, rounds, progress)
-        result = _result(model, config, plan, new_tokens, rounds, speeds, last, runs or last)
-        results.append({**result, "memory_source": _memory_source(device, live_rss)})
+        source = _memory_source(device, live_rss)
+        results.append(
+            _result(model, config, plan, new_tokens, rounds, speeds, last, runs or last, source)
+        )
     return results
 
 
@@ -399,6 +401,7 @@ def _result(
     speeds: dict[str, list[float]],
     last: dict[str, Run],
     memory: dict[str, Run],
+    memory_source: str,
 ) -> dict[str, Any]:
     """The JSON object of one context: speeds from the timed rounds, bytes and memory from `memory`."""
     kinds, context, batch = plan.kinds, plan.context, plan.ids.shape[0]
@@ -443,6 +446,7 @@ def _result(
         if saved > 0
         else None,
         "greedy_agreement": agree,
+        "memory_source": memory_source,
         "machine": machine.describe(device),
         "rows": rows,
     }

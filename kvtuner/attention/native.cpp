@@ -220,6 +220,17 @@ struct Rows {
   int64_t width = 0;  // bytes per packed row
   const float* channel_scale = nullptr;  // [d] multiplies every row, or null
 
+  // packed row `token` of per-token groups of whole 16-channel vectors, head_dim D -> D / 16
+  // vectors dequantized in registers (code * scale + zero of each vector's group)
+  template <int D>
+  void dequantize_row(int64_t token, const int* group_of, v16* code) const {
+    unpack_row<D>(packed + token * packed_stride, bits, code);
+    const T* s = scale + token * scale_stride;
+    const T* z = zero + token * scale_stride;
+    for (int u = 0; u < D / 16; ++u)
+      code[u] = code[u] * static_cast<float>(s[group_of[u]]) + static_cast<float>(z[group_of[u]]);
+  }
+
   // rows [t0, t0 + count) -> out[count][d] float32; D: head_dim when known at compile time (else 0)
   template <int D>
   void read(int64_t t0, int64_t count, int64_t d_runtime, float* out) const {
@@ -455,12 +466,7 @@ void Layer<T>::run_stored(const Item& item, float* scores, float* partial) const
     int kgroup_of[V];
     for (int u = 0; u < V; ++u) kgroup_of[u] = u / (k.group / 16);
     for (int64_t t = 0; t < n; ++t) {
-      const int64_t token = item.first + t;
-      unpack_row<D>(k.packed + token * k.packed_stride, k.bits, code);
-      const T* s = k.scale + token * k.scale_stride;
-      const T* z = k.zero + token * k.scale_stride;
-      for (int u = 0; u < V; ++u)  // the key row, once for the G query heads
-        code[u] = code[u] * static_cast<float>(s[kgroup_of[u]]) + static_cast<float>(z[kgroup_of[u]]);
+      k.template dequantize_row<D>(item.first + t, kgroup_of, code);  // once for the G heads
       for (int i = 0; i < G; ++i) {
         v16 acc = load16(qh + i * D) * code[0];
         for (int u = 1; u < V; ++u) acc += load16(qh + i * D + 16 * u) * code[u];
@@ -499,12 +505,7 @@ void Layer<T>::run_values(const Item& item, const float* scores, float* partial,
     for (int u = 0; u < V; ++u) acc[i][u] = v16{};
   v16 code[V];
   for (int64_t t = 0; t < n; ++t) {
-    const int64_t token = item.first + t;
-    unpack_row<D>(v.packed + token * v.packed_stride, v.bits, code);
-    const T* s = v.scale + token * v.scale_stride;
-    const T* z = v.zero + token * v.scale_stride;
-    for (int u = 0; u < V; ++u)
-      code[u] = code[u] * static_cast<float>(s[group_of[u]]) + static_cast<float>(z[group_of[u]]);
+    v.template dequantize_row<D>(item.first + t, group_of, code);
     for (int i = 0; i < H; ++i) {
       const float p = scores[(h0 + i) * n + t];
       for (int u = 0; u < V; ++u) acc[i][u] += p * code[u];
