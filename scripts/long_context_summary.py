@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from passkey_table import load_results  # scripts/, on the path when run
+from passkey_table import load_results, logprob_table  # scripts/, on the path when run
 from passkey_table import table as passkey_table
 
 from kvtuner.tables import update_readme
@@ -78,6 +78,12 @@ def main() -> None:
             "--model M --contexts C1,C2 --samples N`):",
             "",
             passkey_table(passkey, PASSKEY),
+            "",
+            "The key's log-probability under dense (nats, the five digits teacher-forced after the "
+            "question) and how much of it each config loses on the same prompts, mean ± s.e. "
+            "(positive: less sure of the key than dense; inside one s.e.: a tie):",
+            "",
+            logprob_table(passkey, PASSKEY),
             "",
             "Regenerate both tables: `python scripts/long_context_summary.py`.",
         ]

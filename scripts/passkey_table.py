@@ -3,14 +3,17 @@
 Same prompts for every cache (`kvtuner.tasks.passkey.make_prompts`: a five-digit key at depths
 0/25/50/75/100 % of held-out filler, asked for at the end); dense runs once. Besides the raw
 accuracy, each config's accuracy on the trials dense gets right: the issue asks to judge a
-quantized cache only where the model itself retrieves.
+quantized cache only where the model itself retrieves. And where accuracy saturates (every cache
+finds every key), a second table: the key's log-probability each config loses against dense on
+the same prompts, mean and standard error (`kvtuner.tasks.passkey.paired_loss`).
 
     python scripts/passkey_table.py --model smollm2-135m --contexts 4096,8000 --samples 2
 
 Every cache answers each prompt after one shared prompt forward (kvtuner's prefill is exact), so a
 prompt costs one prefill whatever the number of configs. Writes docs/passkey/<model>.json after
-every prompt (every trial measured so far, keyed by context, depth and sample: a stopped run
-continues, and new contexts or configs add to it) and docs/passkey.md (every model's JSON found).
+every prompt (every trial measured so far, keyed by context, depth and sample, with its answer and
+the key's log-probability: a stopped run continues, new contexts or configs add to it, and trials
+saved without a log-probability are answered again) and docs/passkey.md (every model's JSON found).
 """
 
 from __future__ import annotations
@@ -64,14 +67,32 @@ def trial_keys(result: dict) -> list[tuple[int, float, int]]:
     return keys
 
 
+FIELDS = ("correct", "answer", "key_logprob")  # saved per cache and trial
+
+
+def saved_trials(result: dict) -> dict[str, dict[tuple, dict]]:
+    """Per cache, per (context, depth, sample): the saved trial's FIELDS (None where missing)."""
+    keys = trial_keys(result)
+    known: dict[str, dict[tuple, dict]] = {}
+    for label, values in result["correct"].items():
+        columns = {f: result.get(f, {}).get(label, [None] * len(keys)) for f in FIELDS}
+        known[label] = {
+            k: {f: columns[f][i] for f in FIELDS}
+            for i, k in enumerate(keys)
+            if values[i] is not None
+        }
+    return known
+
+
 def measure(
     model: str, contexts: list[int], samples: int, depths: list[float], labels: list[str]
 ) -> None:
     """Dense and each of `labels` on the same prompts, one prompt forward for all caches
     (`kvtuner.tasks.passkey.answer_prompts`). docs/passkey/<model>.json holds every trial measured
     so far, keyed by (context, depth, sample) (prompts are seeded per cell): a run adds the cells
-    and caches it lacks and rewrites the file after every prompt, so a long run can be stopped and
-    continued, and a new context adds to the table instead of replacing it."""
+    and caches it lacks (or lacks the key's log-probability of) and rewrites the file after every
+    prompt, so a long run can be stopped and continued, and a new context adds to the table
+    instead of replacing it."""
     import torch
 
     from kvtuner.cache import quantized_cache
@@ -82,13 +103,8 @@ def measure(
     torch.set_grad_enabled(False)
     loaded = load_model(model)
     path = OUT / f"{model}.json"
-    known: dict[str, dict[tuple, bool]] = {}
     before = current(path, "measuring afresh") if path.exists() else None
-    if before is not None:
-        for label, values in before["correct"].items():
-            known[label] = {
-                k: v for k, v in zip(trial_keys(before), values, strict=True) if v is not None
-            }
+    known = saved_trials(before) if before is not None else {}
     wanted = ["dense", *[label for label in LABELS if label in labels]]
     sources = {label: (config, scheme) for label, config, scheme in CONFIGS}
     prompts = make_prompts(loaded.tokenizer, contexts, depths, samples, seed=0)
@@ -101,34 +117,47 @@ def measure(
         return lambda: quantized_cache(loaded.model, source, scheme=scheme)
 
     def save() -> None:
-        keys = sorted({k for values in known.values() for k in values})
+        keys = sorted({k for trials in known.values() for k in trials})
+        caches = [label for label in ["dense", *LABELS] if label in known]
         result = {
             "model": model,
             "prompt_version": PROMPT_VERSION,
             "contexts": [k[0] for k in keys],
             "depths": [k[1] for k in keys],
             "sample": [k[2] for k in keys],
-            "correct": {
-                label: [known[label].get(k) for k in keys]
-                for label in ["dense", *LABELS]
-                if label in known
+            **{
+                field: {
+                    label: [known[label].get(k, {}).get(field) for k in keys] for label in caches
+                }
+                for field in FIELDS
             },
         }
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
+    def done(label: str, key: tuple) -> bool:
+        trial = known.get(label, {}).get(key)
+        return trial is not None and trial["key_logprob"] is not None
+
     for prompt in tqdm(prompts, desc=f"{model} pass-key"):
         key = (prompt.context, prompt.depth, prompt.sample)
-        missing = [label for label in wanted if key not in known.get(label, {})]
+        missing = [label for label in wanted if not done(label, key)]
         if not missing:
             continue
         trials = answer_prompts(
             loaded.model, loaded.tokenizer, {label: factory(label) for label in missing}, [prompt]
         )
-        for label, correct in zip(trials["cache"], trials["correct"]):
-            known.setdefault(label, {})[key] = bool(correct)
+        for row in trials.to_dict(orient="records"):
+            known.setdefault(row["cache"], {})[key] = {
+                "correct": bool(row["correct"]),
+                "answer": row["answer"],
+                "key_logprob": float(row["key_logprob"]),
+            }
         tqdm.write(
             f"{model} {key}: "
-            + ", ".join(f"{c}={int(v)}" for c, v in zip(trials["cache"], trials["correct"]))
+            + ", ".join(
+                f"{c}={int(v)} ({lp:.2f})"
+                for c, v, lp in zip(trials["cache"], trials["correct"], trials["key_logprob"])
+            )
         )
         save()
 
@@ -174,6 +203,47 @@ def table(results: list[dict], configs: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def logprob_table(results: list[dict], configs: list[str] | None = None) -> str:
+    """One row per model and context: dense's mean log-probability of the key (nats), and each
+    config's loss against it, mean ± s.e. over the trials both measured (paired by prompt; "-"
+    where the config has none at that context); `configs` picks the columns (default: every config
+    with a log-probability)."""
+    from kvtuner.tasks.passkey import paired_loss
+
+    def scores(result: dict, label: str) -> list:
+        return result.get("key_logprob", {}).get(label) or [None] * len(result["contexts"])
+
+    if configs is None:
+        configs = [label for label in LABELS if any(any(scores(r, label)) for r in results)]
+    lines = [
+        "| model | context | trials | dense log p(key) | " + " | ".join(configs) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(configs),
+    ]
+    for result in results:
+        dense = scores(result, "dense")
+        for context in sorted(set(result["contexts"])):
+            index = [
+                i for i, c in enumerate(result["contexts"]) if c == context and dense[i] is not None
+            ]
+            if not index:
+                continue
+            cells = [f"{sum(dense[i] for i in index) / len(index):.3f}"]
+            for label in configs:
+                values = scores(result, label)
+                pairs = [(dense[i], values[i]) for i in index if values[i] is not None]
+                if not pairs:
+                    cells.append("-")
+                    continue
+                mean, se = paired_loss(*zip(*pairs))
+                spread = "" if len(pairs) == 1 else f" ± {se:.3f}"
+                partial = "" if len(pairs) == len(index) else f" ({len(pairs)} trials)"
+                cells.append(f"{mean:.3f}{spread}{partial}")
+            lines.append(
+                f"| {result['model']} | {context} | {len(index)} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -206,6 +276,14 @@ def main() -> None:
             "Regenerate: `python scripts/passkey_table.py --model M --contexts C1,C2 --samples N`.",
             "",
             table(results),
+            "",
+            "The key's log-probability (nats, the five digits teacher-forced after the question; "
+            "`kvtuner.tasks.passkey.answer_ids`): dense's mean, and how much of it each config "
+            "loses against dense on the same prompts, mean ± s.e. (positive: the config is less "
+            "sure of the key; a loss inside one s.e. is a tie). Where every cache finds every key, "
+            "this still ranks them.",
+            "",
+            logprob_table(results),
             "",
         ]
     )

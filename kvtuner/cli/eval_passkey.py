@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,7 @@ def summarize(
     from kvtuner.tasks import passkey
 
     grid = result.grid()
+    lost, lost_se = result.logprob_lost()
     return {
         "task": "passkey",
         "model": model,
@@ -130,13 +132,28 @@ def summarize(
         "text": str(text) if text is not None else "heldout",
         "accuracy": result.accuracy("quantized"),
         "dense_accuracy": result.accuracy("dense"),
-        "per_context": result.by_context().to_dict(orient="records"),
+        "key_logprob_lost": lost,
+        "key_logprob_lost_se": _number(lost_se),
+        "per_context": [
+            {**row, "key_logprob_lost_se": _number(row["key_logprob_lost_se"])}
+            for row in result.by_context().to_dict(orient="records")
+        ],
         "cells": grid.to_dict(orient="records"),
     }
 
 
+def _number(value: float) -> float | None:
+    """`value`, or None for NaN (a standard error of one trial): JSON has no NaN."""
+    return None if math.isnan(value) else value
+
+
+def _lost(mean: float, se: float | None) -> str:
+    """`0.123 ± 0.045` (nats), or the mean alone without a standard error."""
+    return f"{mean:.3f}" if se is None else f"{mean:.3f} ± {se:.3f}"
+
+
 def render(summary: dict[str, Any]) -> str:
-    """Accuracy per context, the config's beside dense's."""
+    """Accuracy per context, the config's beside dense's, and the key's log-probability lost."""
     config = summary["config"]
     column = Path(config).name  # a config file's name, not its whole path, heads the column
     depths = ",".join(f"{d:g}" for d in summary["depths"])
@@ -144,14 +161,18 @@ def render(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary['model']}  {config}  ({summary['scheme']})  pass-key retrieval",
         f"{summary['samples']} prompt(s) per context and depth; depths {depths}%",
-        f"{'context':>8}  {'dense':>8}  {column:>{width}}",
+        f"{'context':>8}  {'dense':>8}  {column:>{width}}  {'key nats lost':>15}",
     ]
-    for row in summary["per_context"]:
+    rows = [*summary["per_context"], {"context": "all", **summary}]
+    for row in rows:
+        lost = _lost(row["key_logprob_lost"], row["key_logprob_lost_se"])
         lines.append(
             f"{row['context']:>8}  {row['dense_accuracy']:>8.3f}  {row['accuracy']:>{width}.3f}"
+            f"  {lost:>15}"
         )
     lines.append(
-        f"{'all':>8}  {summary['dense_accuracy']:>8.3f}  {summary['accuracy']:>{width}.3f}"
+        f"key nats lost: log p(key | prompt) with dense minus with {column}, mean ± s.e. over "
+        "the same prompts (how much surer dense is of the key)"
     )
     if "plot" in summary:
         lines.append(f"heatmap  {summary['plot']}")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from kvtuner.compat import cache_kwarg, text_config, with_cache
 
@@ -101,7 +102,16 @@ def greedy_texts(
     return [cut_at_stop(text, stop) for text in texts]
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Answer:
+    """One cache's answer to a prompt: its greedy `text`, and `forced_logprob`, the log-probability
+    (nats) its model gives the `forced` continuation token by token (teacher-forced, each token
+    after the ones before it; None when no continuation was given)."""
+
+    text: str
+    forced_logprob: float | None = None
+
+
 def greedy_text_per_cache(
     model: Any,
     tokenizer: Any,
@@ -111,7 +121,26 @@ def greedy_text_per_cache(
     max_new_tokens: int,
 ) -> list[str]:
     """The greedy continuation of one prompt with each of `factories`' caches (None: dense), the
-    prompt's forward run once for all of them.
+    prompt's forward run once for all of them (`answers_per_cache`'s texts)."""
+    answers = answers_per_cache(
+        model, tokenizer, input_ids, factories, max_new_tokens=max_new_tokens
+    )
+    return [answer.text for answer in answers]
+
+
+@torch.inference_mode()
+def answers_per_cache(
+    model: Any,
+    tokenizer: Any,
+    input_ids: Sequence[int],
+    factories: Sequence[CacheFactory],
+    *,
+    max_new_tokens: int,
+    forced: Sequence[int] = (),
+) -> list[Answer]:
+    """Each of `factories`' caches (None: dense) answers one prompt, the prompt's forward run once
+    for all of them: its greedy continuation, and with `forced` (token ids) the log-probability of
+    that continuation under the cache, summed over its tokens.
 
     kvtuner's prefill is exact (the prompt attends to its own keys and values in full precision;
     only what is stored is quantized), so the prompt's forward, its last logits and the keys and
@@ -119,46 +148,86 @@ def greedy_text_per_cache(
     cache that records each layer's keys and values, in chunks of `kvtuner.evaluate.PREFILL_CHUNK`
     tokens (bounded memory at 16k); every other cache is filled from the recording through its
     own `update` (`kvtuner.evaluate.replay`, as the KL evaluation does) and decodes on its own.
-    Up to one chunk of prompt, the continuations are `greedy_text`'s for each cache
-    (tests/tasks/test_generation.py); longer prompts differ from one whole-prompt forward by float
-    rounding only. A prompt costs one prefill instead of one a cache: pass-key prompts (long
-    prompt, short answer) about 1/len(factories) of the time. A cache that quantizes its prefill
-    runs alone (`greedy_text`).
+    With `forced`, a second cache of each kind is filled the same way and steps through the
+    continuation one token at a time, as decoding would (its first token's log-probability comes
+    from the shared prompt logits, so only the later ones differ between caches).
+    Up to one chunk of prompt, the continuations are `greedy_text`'s for each cache and the
+    log-probabilities those of the cache alone (tests/tasks/test_generation.py); longer prompts
+    differ from one whole-prompt forward by float rounding only. A prompt costs one prefill
+    instead of one a cache: pass-key prompts (long prompt, short answer) about 1/len(factories) of
+    the time. A cache that quantizes its prefill runs alone (`greedy_text`, and its own prefill
+    for the forced continuation).
     """
     from kvtuner.evaluate import RecordingCache, prefill, replay, replayable
 
     if not len(input_ids):
         raise ValueError("prompt 0 is empty")
     device = next(model.parameters()).device
-    built = [None if make is None else make() for make in factories]
-    dense = RecordingCache(config=text_config(model.config))
+    config = text_config(model.config)
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
-    first_token = int(prefill(model, ids, dense).logits[0, -1].argmax())
+    built = [None if make is None else make() for make in factories]
+    scoring = [None if make is None else make() for make in factories] if forced else []
+    dense = RecordingCache(config=config)
+    last = prefill(model, ids, dense).logits[0, -1].float()
     recorded = dense.recorded  # stops recording: dense decodes on as a plain DynamicCache
-    for cache in built:
+    for cache in built + scoring:
         if cache is not None and replayable(cache):
             replay(cache, recorded)
+    scoring = [
+        replay(DynamicCache(config=config), recorded) if cache is None else cache
+        for cache in scoring
+    ]
     del recorded
     dense.forget()
-    key = cache_kwarg(model)
-    stops = _eos_ids(model)
-    texts = []
-    for cache in built:
+    answers = []
+    for index, cache in enumerate(built):
         if cache is not None and not replayable(cache):
-            texts.append(
-                greedy_text(
-                    model, tokenizer, input_ids, lambda c=cache: c, max_new_tokens=max_new_tokens
-                )
+            text = greedy_text(
+                model, tokenizer, input_ids, lambda c=cache: c, max_new_tokens=max_new_tokens
             )
-            continue
-        cache = dense if cache is None else cache
-        tokens = [first_token]
-        while len(tokens) < max_new_tokens and tokens[-1] not in stops:
-            step = torch.tensor([[tokens[-1]]], dtype=torch.long, device=device)
-            logits = model(input_ids=step, use_cache=True, logits_to_keep=1, **{key: cache}).logits
-            tokens.append(int(logits[0, -1].argmax()))
-        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
-    return texts
+        else:
+            text = _greedy(
+                model, tokenizer, dense if cache is None else cache, last, max_new_tokens
+            )
+        logprob = None
+        if forced:
+            cache = scoring[index]
+            if replayable(cache):
+                logprob = _forced_logprob(model, cache, last, forced)
+            else:
+                logprob = _forced_logprob(
+                    model, cache, prefill(model, ids, cache).logits[0, -1], forced
+                )
+        answers.append(Answer(text, logprob))
+    return answers
+
+
+def _step(model: Any, cache: Any, token: int) -> torch.Tensor:
+    """One decode step of `token` through `cache`: float32 logits of the next token."""
+    device = next(model.parameters()).device
+    step = torch.tensor([[token]], dtype=torch.long, device=device)
+    kwargs = {cache_kwarg(model): cache}
+    return model(input_ids=step, use_cache=True, logits_to_keep=1, **kwargs).logits[0, -1].float()
+
+
+def _greedy(model: Any, tokenizer: Any, cache: Any, last: torch.Tensor, max_new_tokens: int) -> str:
+    """Greedy decoding from the prompt's last logits `last`, the prompt already in `cache`."""
+    stops = _eos_ids(model)
+    tokens = [int(last.argmax())]
+    while len(tokens) < max_new_tokens and tokens[-1] not in stops:
+        tokens.append(int(_step(model, cache, tokens[-1]).argmax()))
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _forced_logprob(model: Any, cache: Any, last: torch.Tensor, forced: Sequence[int]) -> float:
+    """log p(forced | prompt), nats: the prompt in `cache`, its last logits `last`."""
+    logits = last.float()
+    total = 0.0
+    for index, token in enumerate(forced):
+        total += float(torch.log_softmax(logits, dim=-1)[token])
+        if index + 1 < len(forced):
+            logits = _step(model, cache, token)
+    return total
 
 
 def _eos_ids(model: Any) -> set[int]:

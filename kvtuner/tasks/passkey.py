@@ -10,6 +10,10 @@ The needle goes in at the sentence boundary nearest to `depth`% of the filler (0
 header, 100: right before the question). The answer is the model's greedy continuation; a trial
 is correct when its first run of digits is the key exactly. Prompts depend on the tokenizer,
 `seed` and the cell only, so the dense cache and a quantized one answer the same prompts.
+
+Accuracy saturates where the model retrieves every key whatever the cache; each trial also keeps
+the key's log-probability (`answer_ids`, teacher-forced after the prompt), so a cache can be
+judged by how much confidence in the key it loses against dense on the same prompt, paired.
 """
 
 from __future__ import annotations
@@ -90,6 +94,12 @@ class Filler:
 def plain_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of `text` without special tokens."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def answer_ids(tokenizer: Any, key: str) -> list[int]:
+    """The tokens of the right answer after the question: the key, after a space as in the needle
+    (what the embedded models' greedy answers begin with when they are right)."""
+    return plain_ids(tokenizer, " " + key)
 
 
 def minimum_context(tokenizer: Any) -> int:
@@ -207,16 +217,22 @@ def answer_prompts(
     label: str = "passkey",
 ) -> pd.DataFrame:
     """Answer every prompt greedily with each of `caches` (name -> a factory of fresh caches; None:
-    dense), the prompt's forward run once for all of them (`greedy_text_per_cache`; the prefill is
-    exact, so every cache stores what its own prefill would). One row a trial, grouped by cache in
-    the order given: columns cache, context, depth, actual_depth, sample, key, answer, correct."""
+    dense), the prompt's forward run once for all of them (`generation.answers_per_cache`; the
+    prefill is exact, so every cache stores what its own prefill would). One row a trial, grouped
+    by cache in the order given: columns cache, context, depth, actual_depth, sample, key, answer,
+    correct, and key_logprob (nats: log p(key | prompt) under the cache, `answer_ids`)."""
     from kvtuner.tasks import generation
 
     names, factories = list(caches), list(caches.values())
     rows: dict[str, list[dict]] = {name: [] for name in names}
     for prompt in tqdm(prompts, desc=label, disable=not progress, leave=False):
-        answers = generation.greedy_text_per_cache(
-            model, tokenizer, prompt.input_ids, factories, max_new_tokens=max_new_tokens
+        answers = generation.answers_per_cache(
+            model,
+            tokenizer,
+            prompt.input_ids,
+            factories,
+            max_new_tokens=max_new_tokens,
+            forced=answer_ids(tokenizer, prompt.key),
         )
         for name, answer in zip(names, answers):
             rows[name].append(
@@ -227,11 +243,19 @@ def answer_prompts(
                     "actual_depth": prompt.actual_depth,
                     "sample": prompt.sample,
                     "key": prompt.key,
-                    "answer": answer,
-                    "correct": answer_digits(answer) == prompt.key,
+                    "answer": answer.text,
+                    "correct": answer_digits(answer.text) == prompt.key,
+                    "key_logprob": answer.forced_logprob,
                 }
             )
     return pd.DataFrame([row for name in names for row in rows[name]])
+
+
+def paired_loss(dense: Sequence[float], cache: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error over trials of dense's key log-probability minus the cache's (nats
+    of confidence in the key the cache loses; trials in the same order). One trial: s.e. NaN."""
+    lost = pd.Series([d - c for d, c in zip(dense, cache, strict=True)], dtype=float)
+    return float(lost.mean()), float(lost.sem()) if len(lost) > 1 else float("nan")
 
 
 @dataclass(frozen=True)
@@ -255,16 +279,41 @@ class PasskeyResult:
         ).reset_index()
 
     def by_context(self) -> pd.DataFrame:
-        """Per context, over all depths and samples: accuracy and dense_accuracy."""
+        """Per context, over all depths and samples: accuracy, dense_accuracy, and the key's
+        log-probability the cache loses against dense, paired by prompt: key_logprob_lost and its
+        standard error key_logprob_lost_se (nats)."""
         table = self.trials.pivot_table(
             index="context", columns="cache", values="correct", aggfunc="mean"
         )
-        return pd.DataFrame(
-            {
-                "accuracy": table["quantized"].astype(float),
-                "dense_accuracy": table["dense"].astype(float),
-            }
+        pairs = self.paired()
+        lost = {c: paired_loss(g["dense"], g["quantized"]) for c, g in pairs.groupby("context")}
+        return (
+            pd.DataFrame(
+                {
+                    "accuracy": table["quantized"].astype(float),
+                    "dense_accuracy": table["dense"].astype(float),
+                    "key_logprob_lost": pd.Series(
+                        {c: m for c, (m, _) in lost.items()}, dtype=float
+                    ),
+                    "key_logprob_lost_se": pd.Series(
+                        {c: e for c, (_, e) in lost.items()}, dtype=float
+                    ),
+                }
+            )
+            .rename_axis("context")
+            .reset_index()
+        )
+
+    def paired(self) -> pd.DataFrame:
+        """One row a prompt (context, depth, sample): the key_logprob of dense and quantized."""
+        return self.trials.pivot_table(
+            index=["context", "depth", "sample"], columns="cache", values="key_logprob"
         ).reset_index()
+
+    def logprob_lost(self) -> tuple[float, float]:
+        """Over every trial: the key's log-probability lost against dense, mean and s.e. (nats)."""
+        pairs = self.paired()
+        return paired_loss(pairs["dense"], pairs["quantized"])
 
     def accuracy(self, cache: str = "quantized") -> float:
         """Accuracy over every trial of `cache` (quantized or dense)."""

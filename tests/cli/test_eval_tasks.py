@@ -33,7 +33,10 @@ def test_passkey_json_has_each_context_beside_dense(capsys, folder, tmp_path):
     assert summary["depths"] == [0.0, 100.0] and summary["samples"] == 1
     assert summary["prompt_version"] == 2  # bumped with the prompt's wording
     assert [row["context"] for row in summary["per_context"]] == [96, 160]
-    assert all({"accuracy", "dense_accuracy"} <= set(row) for row in summary["per_context"])
+    wanted = {"accuracy", "dense_accuracy", "key_logprob_lost", "key_logprob_lost_se"}
+    assert all(wanted <= set(row) for row in summary["per_context"])
+    # the words tokenizer spells a key as one token, scored from the exact prefill: nothing lost
+    assert summary["key_logprob_lost"] == 0.0 and summary["key_logprob_lost_se"] == 0.0
     assert len(summary["cells"]) == 4 and all(c["samples"] == 1 for c in summary["cells"])
     assert 0 <= summary["accuracy"] <= 1 and 0 <= summary["dense_accuracy"] <= 1
     assert plot.read_bytes()[:4] == b"\x89PNG" and summary["plot"] == str(plot)
@@ -46,7 +49,7 @@ def test_passkey_prints_a_table(capsys, folder):
     lines = out.out.splitlines()
     assert "pass-key retrieval" in lines[0]
     header = next(line for line in lines if line.split()[:1] == ["context"])
-    assert header.split() == ["context", "dense", "KV4"]
+    assert header.split() == ["context", "dense", "KV4", "key", "nats", "lost"]
     assert any(line.split()[:1] == ["96"] for line in lines)
     assert any(line.split()[:1] == ["160"] for line in lines)
 
@@ -94,9 +97,12 @@ def test_passkey_table_heads_a_config_file_by_its_name():
     summary = {
         "model": "m", "config": "searched_configs/m/kivi/kvtuner_c4.0.yaml", "scheme": "kivi",
         "samples": 1, "depths": [0.0], "accuracy": 0.5, "dense_accuracy": 1.0,
-        "per_context": [{"context": 96, "accuracy": 0.5, "dense_accuracy": 1.0}],
+        "key_logprob_lost": 0.25, "key_logprob_lost_se": None,
+        "per_context": [{"context": 96, "accuracy": 0.5, "dense_accuracy": 1.0,
+                         "key_logprob_lost": 0.25, "key_logprob_lost_se": 0.125}],
     }  # fmt: skip
     lines = render(summary).splitlines()
     assert "searched_configs/m/kivi/kvtuner_c4.0.yaml" in lines[0]
-    assert lines[2].split() == ["context", "dense", "kvtuner_c4.0.yaml"]
-    assert lines[3].split() == ["96", "1.000", "0.500"]
+    assert lines[2].split() == ["context", "dense", "kvtuner_c4.0.yaml", "key", "nats", "lost"]
+    assert lines[3].split() == ["96", "1.000", "0.500", "0.250", "±", "0.125"]
+    assert lines[4].split() == ["all", "1.000", "0.500", "0.250"]  # one trial: no s.e.

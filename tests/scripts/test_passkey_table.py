@@ -56,3 +56,27 @@ def test_a_saved_result_names_its_prompt_version(table_script):
     assert table_script.PROMPT_VERSION == passkey.PROMPT_VERSION
     assert table_script.version({"prompt_version": 7}) == 7
     assert table_script.version({}) == 1  # files written before versions were kept
+
+
+def test_the_log_probability_table_pairs_each_config_with_dense(table_script):
+    result = saved("m", [True, True, True], [True, True, False], 2)
+    result["key_logprob"] = {"dense": [-0.1, -0.2, -0.3], "KV4": [-0.6, -0.2, -1.3]}
+    rendered = table_script.logprob_table([result])
+    # losses 0.5, 0.0, 1.0: mean 0.5, standard deviation 0.5, s.e. 0.5 / sqrt(3)
+    assert "| m | 4096 | 3 | -0.200 | 0.500 ± 0.289 |" in rendered
+    result["key_logprob"]["KV4"][2] = None  # measured on two trials only: said so
+    assert "| m | 4096 | 3 | -0.200 | 0.250 ± 0.250 (2 trials) |" in table_script.logprob_table(
+        [result]
+    )
+
+
+def test_trials_saved_without_a_log_probability_are_kept_but_incomplete(table_script):
+    old = saved("m", [True, False], [True, None], 2)  # KV4 never ran the second trial
+    known = table_script.saved_trials(old)
+    assert known["dense"][(4096, 50.0, 0)] == {
+        "correct": False,
+        "answer": None,
+        "key_logprob": None,
+    }
+    assert list(known["KV4"]) == [(4096, 0.0, 0)]
+    assert table_script.logprob_table([old]).count("\n") == 1  # a header, no rows

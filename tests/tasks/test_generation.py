@@ -92,3 +92,70 @@ def test_one_shared_prefill_gives_each_cache_its_own_continuation(arch):
         shared = greedy_text_per_cache(model, tokenizer, prompt, factories, max_new_tokens=12)
         assert shared == alone
     assert len(set(alone)) > 1  # the caches really differ
+
+
+def _alone_logprob(model, prompt, forced, cache):
+    """log p(forced | prompt) with `cache` alone: the prompt's own forward, then a step a token."""
+    import torch
+
+    from kvtuner.compat import cache_kwarg
+
+    if cache is None:  # dense: the whole continuation in the same forward, no cache at all
+        logits = model(input_ids=torch.tensor([prompt + forced[:-1]])).logits[0, len(prompt) - 1 :]
+        rows = torch.log_softmax(logits.float(), -1)
+        return float(rows[torch.arange(len(forced)), torch.tensor(forced)].sum())
+    kwargs = {cache_kwarg(model): cache}
+    logits = model(input_ids=torch.tensor([prompt]), use_cache=True, **kwargs).logits[0, -1]
+    total = 0.0
+    for index, token in enumerate(forced):
+        total += float(torch.log_softmax(logits.float(), -1)[token])
+        if index + 1 < len(forced):
+            step = torch.tensor([[token]])
+            logits = model(input_ids=step, use_cache=True, **kwargs).logits[0, -1]
+    return total
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_forced_logprobs_are_each_caches_own(arch):
+    """answers_per_cache's log-probability of a given continuation, after one shared prefill, is
+    the one each cache gives alone (dense: one forward over prompt and continuation, past Gemma 3's
+    sliding window); the greedy texts are greedy_text's; the caches' log-probabilities differ."""
+    import torch
+
+    from kvtuner.tasks.generation import answers_per_cache
+
+    model, tokenizer = build_tiny_model(arch), word_tokenizer()
+    layers = model.config.num_hidden_layers
+
+    def make(spec, scheme, **kwargs):
+        precision = PrecisionConfig.uniform(
+            spec, layers, scheme=scheme, block_size=4, residual_length=4
+        )
+        return lambda: kvtuner.quantized_cache(model, precision, **kwargs)
+
+    factories = [
+        None,
+        make("KV4", "per-token"),
+        make("KV2", "per-token"),
+        make("K2V4", "kivi"),
+        make("KV2", "per-token", quantize_prefill=True),
+    ]
+    prompt = ids(tokenizer, " ".join(f"w{(7 * i) % 97 + 4}" for i in range(30)))
+    forced = ids(tokenizer, "w12 w50 w3 w77 w8 w9")
+    with torch.inference_mode():
+        answers = answers_per_cache(
+            model, tokenizer, prompt, factories, max_new_tokens=8, forced=forced
+        )
+        alone = [
+            _alone_logprob(model, prompt, forced, None if f is None else f()) for f in factories
+        ]
+    texts = [greedy_text(model, tokenizer, prompt, f, max_new_tokens=8) for f in factories]
+    assert [a.text for a in answers] == texts
+    got = [a.forced_logprob for a in answers]
+    assert got == pytest.approx(alone, rel=1e-4, abs=1e-4)
+    assert all(value < 0 for value in got)
+    assert abs(got[2] - got[0]) > 1e-3  # KV2 really differs from dense
+    assert all(
+        a.forced_logprob is None
+        for a in answers_per_cache(model, tokenizer, prompt, factories[:2], max_new_tokens=2)
+    )

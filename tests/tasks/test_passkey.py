@@ -9,6 +9,7 @@ from conftest import build_tiny_model, word_tokenizer
 from kvtuner.data import calibration_text, heldout_text, special_prefix
 from kvtuner.errors import ConfigError
 from kvtuner.tasks import passkey
+from kvtuner.tasks.generation import Answer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -112,29 +113,56 @@ def test_answers_score_on_the_first_run_of_digits(monkeypatch):
     assert passkey.answer_digits(" the key: 4821") == "4821"
     assert passkey.answer_digits(" unknown") is None
     prompts = passkey.make_prompts(Chars(), [400, 600], [0, 100], samples=2)
-    # an oracle that knows every key but the ones of depth 100 at 600 tokens
+    # an oracle that knows every key but the ones of depth 100 at 600 tokens; it is less sure of
+    # the keys the later a prompt's sample (log-probability -sample), whatever the cache
     answers = {
-        p.input_ids: f" {p.key}. Remember" if (p.context, p.depth) != (600, 100) else " 12345"
+        p.input_ids: (f" {p.key}. Remember" if (p.context, p.depth) != (600, 100) else " 12345")
         for p in prompts
     }
-    monkeypatch.setattr(
-        "kvtuner.tasks.generation.greedy_text_per_cache",
-        lambda m, t, ids, factories, **kw: [answers[tuple(ids)]] * len(factories),
-    )
+    samples = {p.input_ids: p.sample for p in prompts}
+    asked = []
+
+    def answer(model, tokenizer, ids, factories, *, max_new_tokens, forced):
+        asked.append(spelled(forced))
+        return [Answer(answers[tuple(ids)], -float(samples[tuple(ids)]))] * len(factories)
+
+    monkeypatch.setattr("kvtuner.tasks.generation.answers_per_cache", answer)
     trials = passkey.answer_prompts(None, Chars(), {"dense": None}, prompts)
     assert list(trials["correct"]) == [True] * 6 + [False] * 2
+    assert asked == [" " + p.key for p in prompts]  # the key is the forced answer, after a space
+    assert list(trials["key_logprob"]) == [0.0, -1.0] * 4
+    # the quantized cache gets every answer wrong and is 0.5 nats less sure of each key at 400
+    # tokens, 0.5 more sure at 600: paired, it loses 0.5 +- 0 and -0.5 +- 0
+    quantized = trials.assign(
+        cache="quantized",
+        correct=False,
+        key_logprob=trials["key_logprob"]
+        - 0.5 * (trials["context"] == 400)
+        + 0.5 * (trials["context"] == 600),
+    )
     result = passkey.PasskeyResult(
-        pd.concat(
-            [trials.assign(cache="dense"), trials.assign(cache="quantized", correct=False)],
-            ignore_index=True,
-        )
+        pd.concat([trials.assign(cache="dense"), quantized], ignore_index=True)
     )
     grid = result.grid()
     assert list(grid["dense_accuracy"]) == [1.0, 1.0, 1.0, 0.0]
     assert list(grid["accuracy"]) == [0.0] * 4 and list(grid["samples"]) == [2] * 4
     by_context = result.by_context()
     assert list(by_context["dense_accuracy"]) == [1.0, 0.5]
+    assert list(by_context["key_logprob_lost"]) == pytest.approx([0.5, -0.5])
+    assert list(by_context["key_logprob_lost_se"]) == pytest.approx([0.0, 0.0])
     assert result.accuracy("dense") == 0.75 and result.accuracy() == 0.0
+    # over all 8 pairs: +0.5 four times, -0.5 four times
+    assert result.logprob_lost() == pytest.approx((0.0, (2 / 7) ** 0.5 / 8**0.5))
+
+
+def test_paired_loss_is_mean_and_standard_error_of_the_differences():
+    mean, se = passkey.paired_loss([-1.0, -2.0, -3.0], [-2.0, -2.0, -6.0])
+    assert mean == pytest.approx(4 / 3)
+    # differences 1, 0, 3: squared deviations from 4/3 sum to 42/9; n - 1 = 2
+    assert se == pytest.approx((42 / 9 / 2) ** 0.5 / 3**0.5)
+    assert passkey.paired_loss([-1.0], [-1.5])[0] == 0.5
+    with pytest.raises(ValueError):
+        passkey.paired_loss([-1.0, -2.0], [-1.0])
 
 
 def test_run_passkey_runs_dense_first_then_the_cache(tokenizer):
@@ -150,10 +178,15 @@ def test_run_passkey_runs_dense_first_then_the_cache(tokenizer):
     result = passkey.run_passkey(model, tokenizer, factory, [96, 128], [0, 100], samples=2)
     trials = result.trials
     assert list(trials["cache"]) == ["dense"] * 8 + ["quantized"] * 8
-    assert len(built) == 8  # one fresh cache per quantized prompt
+    assert len(built) == 16  # two fresh caches per quantized prompt: one answers, one scores
     assert list(trials["key"][:8]) == list(trials["key"][8:])  # the same prompts
     grid = result.grid()
     assert len(grid) == 4 and grid["accuracy"].between(0, 1).all()
+    assert (trials["key_logprob"] < 0).all()
+    # the word tokenizer spells a key as one unknown token, whose log-probability comes from the
+    # prompt's exact prefill: no cache can lose any of it
+    assert passkey.answer_ids(tokenizer, "12345") == [tokenizer.unk_token_id]
+    assert list(result.by_context()["key_logprob_lost"]) == [0.0, 0.0]
 
 
 def test_heatmap_is_written(tmp_path):
