@@ -148,9 +148,11 @@ def answers_per_cache(
     cache that records each layer's keys and values, in chunks of `kvtuner.evaluate.PREFILL_CHUNK`
     tokens (bounded memory at 16k); every other cache is filled from the recording through its
     own `update` (`kvtuner.evaluate.replay`, as the KL evaluation does) and decodes on its own.
-    With `forced`, a second cache of each kind is filled the same way and steps through the
-    continuation one token at a time, as decoding would (its first token's log-probability comes
-    from the shared prompt logits, so only the later ones differ between caches).
+    With `forced`, the log-probability is read off the greedy steps where the greedy answer begins
+    with `forced` (a right pass-key answer); otherwise a second cache of the kind is filled the
+    same way and steps through the continuation one token at a time, as decoding would. The first
+    token's log-probability comes from the shared prompt logits, so only later ones differ between
+    caches.
     Up to one chunk of prompt, the continuations are `greedy_text`'s for each cache and the
     log-probabilities those of the cache alone (tests/tasks/test_generation.py); longer prompts
     differ from one whole-prompt forward by float rounding only. A prompt costs one prefill
@@ -166,38 +168,40 @@ def answers_per_cache(
     config = text_config(model.config)
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
     built = [None if make is None else make() for make in factories]
-    scoring = [None if make is None else make() for make in factories] if forced else []
     dense = RecordingCache(config=config)
     last = prefill(model, ids, dense).logits[0, -1].float()
     recorded = dense.recorded  # stops recording: dense decodes on as a plain DynamicCache
-    for cache in built + scoring:
+    for cache in built:
         if cache is not None and replayable(cache):
             replay(cache, recorded)
-    scoring = [
-        replay(DynamicCache(config=config), recorded) if cache is None else cache
-        for cache in scoring
-    ]
-    del recorded
+    recorded = recorded if forced else None  # kept for the caches that score `forced` anew
     dense.forget()
+
+    def fresh(make: CacheFactory) -> tuple[Any, torch.Tensor]:
+        """A second cache of `make`'s kind holding the prompt, and the prompt's last logits."""
+        if make is None:
+            return replay(DynamicCache(config=config), recorded), last
+        cache = make()
+        if replayable(cache):
+            return replay(cache, recorded), last
+        return cache, prefill(model, ids, cache).logits[0, -1].float()
+
     answers = []
-    for index, cache in enumerate(built):
+    for make, cache in zip(factories, built):
+        tokens: list[int] = []
         if cache is not None and not replayable(cache):
             text = greedy_text(
                 model, tokenizer, input_ids, lambda c=cache: c, max_new_tokens=max_new_tokens
             )
         else:
-            text = _greedy(
-                model, tokenizer, dense if cache is None else cache, last, max_new_tokens
-            )
+            cache = dense if cache is None else cache
+            tokens, logprobs = _greedy(model, cache, last, max_new_tokens)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
         logprob = None
-        if forced:
-            cache = scoring[index]
-            if replayable(cache):
-                logprob = _forced_logprob(model, cache, last, forced)
-            else:
-                logprob = _forced_logprob(
-                    model, cache, prefill(model, ids, cache).logits[0, -1], forced
-                )
+        if forced and tokens[: len(forced)] == list(forced):
+            logprob = sum(logprobs[: len(forced)])  # the greedy answer is the continuation
+        elif forced:
+            logprob = _forced_logprob(model, *fresh(make), forced)
         answers.append(Answer(text, logprob))
     return answers
 
@@ -210,18 +214,27 @@ def _step(model: Any, cache: Any, token: int) -> torch.Tensor:
     return model(input_ids=step, use_cache=True, logits_to_keep=1, **kwargs).logits[0, -1].float()
 
 
-def _greedy(model: Any, tokenizer: Any, cache: Any, last: torch.Tensor, max_new_tokens: int) -> str:
-    """Greedy decoding from the prompt's last logits `last`, the prompt already in `cache`."""
+def _greedy(
+    model: Any, cache: Any, last: torch.Tensor, max_new_tokens: int
+) -> tuple[list[int], list[float]]:
+    """Greedy decoding from the prompt's last logits `last`, the prompt already in `cache`: the
+    tokens, and each one's log-probability."""
     stops = _eos_ids(model)
-    tokens = [int(last.argmax())]
-    while len(tokens) < max_new_tokens and tokens[-1] not in stops:
-        tokens.append(int(_step(model, cache, tokens[-1]).argmax()))
-    return tokenizer.decode(tokens, skip_special_tokens=True)
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    logits = last
+    while True:
+        token = int(logits.argmax())
+        tokens.append(token)
+        logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+        if len(tokens) == max_new_tokens or token in stops:
+            return tokens, logprobs
+        logits = _step(model, cache, token)
 
 
 def _forced_logprob(model: Any, cache: Any, last: torch.Tensor, forced: Sequence[int]) -> float:
     """log p(forced | prompt), nats: the prompt in `cache`, its last logits `last`."""
-    logits = last.float()
+    logits = last
     total = 0.0
     for index, token in enumerate(forced):
         total += float(torch.log_softmax(logits, dim=-1)[token])

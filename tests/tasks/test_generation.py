@@ -119,19 +119,27 @@ def _alone_logprob(model, prompt, forced, cache):
 def test_forced_logprobs_are_each_caches_own(arch):
     """answers_per_cache's log-probability of a given continuation, after one shared prefill, is
     the one each cache gives alone (dense: one forward over prompt and continuation, past Gemma 3's
-    sliding window); the greedy texts are greedy_text's; the caches' log-probabilities differ."""
+    sliding window), whether it is read off the greedy answer (which begins with the continuation)
+    or scored by a second cache (the answer went elsewhere); the greedy texts are greedy_text's; the
+    caches' log-probabilities differ."""
     import torch
 
     from kvtuner.tasks.generation import answers_per_cache
 
     model, tokenizer = build_tiny_model(arch), word_tokenizer()
     layers = model.config.num_hidden_layers
+    built = []
 
     def make(spec, scheme, **kwargs):
         precision = PrecisionConfig.uniform(
             spec, layers, scheme=scheme, block_size=4, residual_length=4
         )
-        return lambda: kvtuner.quantized_cache(model, precision, **kwargs)
+
+        def factory():
+            built.append(spec)
+            return kvtuner.quantized_cache(model, precision, **kwargs)
+
+        return factory
 
     factories = [
         None,
@@ -141,20 +149,29 @@ def test_forced_logprobs_are_each_caches_own(arch):
         make("KV2", "per-token", quantize_prefill=True),
     ]
     prompt = ids(tokenizer, " ".join(f"w{(7 * i) % 97 + 4}" for i in range(30)))
-    forced = ids(tokenizer, "w12 w50 w3 w77 w8 w9")
-    with torch.inference_mode():
-        answers = answers_per_cache(
-            model, tokenizer, prompt, factories, max_new_tokens=8, forced=forced
-        )
-        alone = [
-            _alone_logprob(model, prompt, forced, None if f is None else f()) for f in factories
-        ]
     texts = [greedy_text(model, tokenizer, prompt, f, max_new_tokens=8) for f in factories]
-    assert [a.text for a in answers] == texts
-    got = [a.forced_logprob for a in answers]
-    assert got == pytest.approx(alone, rel=1e-4, abs=1e-4)
-    assert all(value < 0 for value in got)
-    assert abs(got[2] - got[0]) > 1e-3  # KV2 really differs from dense
+    greedy = ids(tokenizer, texts[1])[:6]  # what KV4 answers
+    other = ids(tokenizer, "w12 w50 w3 w77 w8 w9")  # what no cache answers
+    assert all(ids(tokenizer, text)[:6] != other for text in texts)
+    calls = {}
+    for forced in (other, greedy):
+        built.clear()
+        with torch.inference_mode():
+            answers = answers_per_cache(
+                model, tokenizer, prompt, factories, max_new_tokens=8, forced=forced
+            )
+            calls[tuple(forced)] = list(built)
+            alone = [
+                _alone_logprob(model, prompt, forced, None if f is None else f()) for f in factories
+            ]
+        assert [a.text for a in answers] == texts
+        got = [a.forced_logprob for a in answers]
+        assert got == pytest.approx(alone, rel=1e-4, abs=1e-4)
+        assert all(value < 0 for value in got)
+        assert abs(got[2] - got[0]) > 1e-3  # KV2 really differs from dense
+    # a second cache scores a continuation the greedy answer leaves; KV4 reads its own answer's
+    # log-probability off its greedy steps, no second KV4 cache
+    assert calls[tuple(other)].count("KV4") == 2 and calls[tuple(greedy)].count("KV4") == 1
     assert all(
         a.forced_logprob is None
         for a in answers_per_cache(model, tokenizer, prompt, factories[:2], max_new_tokens=2)
