@@ -25,20 +25,31 @@ VECTOR_EXTENSIONS = [
 
 def cpu_from_cpuinfo(text: str) -> tuple[str, str]:
     """(processor name, widest vector extension) from the text of /proc/cpuinfo; "" where unknown."""
-    name, flags = "", set()
+    name = ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
         named = key in ("model name", "cpu model", "processor") and not value.strip().isdigit()
-        if named and not name:  # x86 "model name"; some ARM kernels "Processor: AArch64 ..."
+        if named:  # x86 "model name"; some ARM kernels "Processor: AArch64 ..."
             name = " ".join(value.split())
-        elif key in ("flags", "features") and not flags:
-            flags = set(value.split())
+            break
+    flags = set(cpu_flags(text).split())
     isa = next((label for flag, label in VECTOR_EXTENSIONS if flag in flags), "")
     return name, isa
 
 
-def _cpuinfo() -> str:
+def cpu_flags(text: str) -> str:
+    """The first core's instruction-set flags (x86 "flags", ARM "Features") from the text of
+    /proc/cpuinfo, space-separated as there; "" if it has none."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return " ".join(value.split())
+    return ""
+
+
+def cpuinfo() -> str:
+    """The text of /proc/cpuinfo ("" where there is none)."""
     try:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -62,7 +73,7 @@ def describe(device: torch.device | str) -> dict[str, Any]:
     import transformers
 
     device = torch.device(device)
-    name, isa = cpu_from_cpuinfo(_cpuinfo())
+    name, isa = cpu_from_cpuinfo(cpuinfo())
     record: dict[str, Any] = {
         "cpu": name or platform.processor() or platform.machine(),
         "vector_extension": isa or None,

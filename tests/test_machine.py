@@ -39,6 +39,23 @@ def test_cpu_from_cpuinfo(text, name, isa):
     assert machine.cpu_from_cpuinfo(text) == (name, isa)
 
 
+def test_cpu_flags_are_the_first_cores_whatever_the_architecture():
+    assert machine.cpu_flags(INTEL) == "fpu sse4_2 avx2 fma avx512f avx512bw avx512vl"
+    assert machine.cpu_flags(ARM) == "fp asimd evtstrm aes crc32"
+    assert machine.cpu_flags("") == ""
+
+
+def test_the_native_library_is_named_by_the_cpus_flags(monkeypatch):
+    """One build per CPU kind: a different instruction set names another library file."""
+    from kvtuner.attention import native
+
+    monkeypatch.setattr(machine, "cpuinfo", lambda: INTEL)
+    intel = native.library_path()
+    assert native.library_path() == intel
+    monkeypatch.setattr(machine, "cpuinfo", lambda: ZEN3)
+    assert native.library_path() != intel
+
+
 def test_describe_cpu_names_the_threads_and_versions():
     record = machine.describe("cpu")
     assert record["threads"] == torch.get_num_threads()

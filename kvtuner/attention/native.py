@@ -42,22 +42,14 @@ def cache_dir() -> Path:
     return defaults.cache_home() / "native"
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def library_path() -> Path:
     """Where the library for this source, torch and machine is (or will be) built."""
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(FLAGS).encode()):
         digest.update(part)
-    digest.update((platform.machine() + _cpu_flags()).encode())
+    from kvtuner.machine import cpu_flags, cpuinfo
+
+    digest.update((platform.machine() + (cpu_flags(cpuinfo()) or platform.processor())).encode())
     return cache_dir() / f"kvtuner_native_{digest.hexdigest()[:16]}.so"
 
 
