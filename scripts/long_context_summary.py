@@ -85,7 +85,7 @@ def main() -> None:
             "",
             logprob_table(passkey, PASSKEY),
             "",
-            "Regenerate both tables: `python scripts/long_context_summary.py`.",
+            "Regenerate the three tables: `python scripts/long_context_summary.py`.",
         ]
     )
     missing = update_readme("README.md", {"long-context": block})

@@ -244,6 +244,56 @@ def logprob_table(results: list[dict], configs: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def sign_test(lost: int, gained: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven between keys lost and
+    keys gained if either were equally likely (1.0 with no changed trial)."""
+    from math import comb
+
+    changed, fewer = lost + gained, min(lost, gained)
+    if not changed:
+        return 1.0
+    tail = sum(comb(changed, k) for k in range(fewer + 1)) / 2**changed
+    return min(1.0, 2 * tail)
+
+
+def pooled_table(results: list[dict], configs: list[str] | None = None) -> str:
+    """One row per model and config, over all its contexts: trials, keys lost and gained against
+    dense on the same prompts (with the sign test's p), and the key's log-probability lost, mean ±
+    s.e. over the trials with one (paired by prompt)."""
+    from kvtuner.tasks.passkey import paired_loss
+
+    if configs is None:
+        configs = [label for label in LABELS if any(label in r["correct"] for r in results)]
+    lines = [
+        "| model | config | trials | keys lost / gained (sign test p) | key nats lost |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for result in results:
+        dense = result["correct"]["dense"]
+        dense_lp = result.get("key_logprob", {}).get("dense") or [None] * len(dense)
+        for label in configs:
+            if label not in result["correct"]:
+                continue
+            values = result["correct"][label]
+            logprobs = result.get("key_logprob", {}).get(label) or [None] * len(dense)
+            both = [i for i, v in enumerate(values) if v is not None and dense[i] is not None]
+            lost = sum(1 for i in both if dense[i] and not values[i])
+            gained = sum(1 for i in both if values[i] and not dense[i])
+            pairs = [
+                (dense_lp[i], logprobs[i]) for i in both if None not in (dense_lp[i], logprobs[i])
+            ]
+            nats = "-"
+            if len(pairs) > 1:
+                mean, se = paired_loss(*zip(*pairs))
+                partial = "" if len(pairs) == len(both) else f" ({len(pairs)} trials)"
+                nats = f"{mean:.3f} ± {se:.3f}{partial}"
+            lines.append(
+                f"| {result['model']} | {label} | {len(both)} | {lost} / {gained} "
+                f"(p = {sign_test(lost, gained):.3f}) | {nats} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -284,6 +334,12 @@ def main() -> None:
             "this still ranks them.",
             "",
             logprob_table(results),
+            "",
+            "Over all of a model's contexts: keys lost (dense right, the config wrong) and gained "
+            "on the same prompts, with the two-sided sign test's p, and the key's log-probability "
+            "lost, mean ± s.e.:",
+            "",
+            pooled_table(results),
             "",
         ]
     )

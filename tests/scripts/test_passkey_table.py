@@ -80,3 +80,20 @@ def test_trials_saved_without_a_log_probability_are_kept_but_incomplete(table_sc
     }
     assert list(known["KV4"]) == [(4096, 0.0, 0)]
     assert table_script.logprob_table([old]).count("\n") == 1  # a header, no rows
+
+
+def test_the_sign_test_is_exact_and_two_sided(table_script):
+    assert table_script.sign_test(0, 0) == 1.0
+    assert table_script.sign_test(6, 0) == pytest.approx(2 / 64)
+    assert table_script.sign_test(6, 1) == pytest.approx(2 * 8 / 128)  # 0.125
+    assert table_script.sign_test(1, 6) == table_script.sign_test(6, 1)
+    assert table_script.sign_test(2, 2) == 1.0
+
+
+def test_the_pooled_table_counts_keys_lost_and_gained_over_all_contexts(table_script):
+    result = saved("m", [True, True, False], [False, True, True], 2)
+    result["contexts"] = [4096, 8192, 8192]
+    result["key_logprob"] = {"dense": [-0.1, -0.2, -3.0], "KV4": [-2.1, -0.2, -0.1]}
+    rendered = table_script.pooled_table([result])
+    # lost at 4096, gained at 8192; log-probability lost 2.0, 0.0, -2.9 -> mean -0.3
+    assert "| m | KV4 | 3 | 1 / 1 (p = 1.000) | -0.300 ± 1.422 |" in rendered
