@@ -14,6 +14,31 @@ def ids(tokenizer, text):
     return tokenizer(text.strip())["input_ids"]
 
 
+def five_factories(model, built=None):
+    """dense (None), then factories of KV4, KV2, K2V4 KIVI and KV2 quantizing its prefill (small
+    blocks and residual for the tiny models); each appends its spec to `built` when it builds."""
+
+    def make(spec, scheme, **kwargs):
+        precision = PrecisionConfig.uniform(
+            spec, model.config.num_hidden_layers, scheme=scheme, block_size=4, residual_length=4
+        )
+
+        def factory():
+            if built is not None:
+                built.append(spec)
+            return kvtuner.quantized_cache(model, precision, **kwargs)
+
+        return factory
+
+    return [
+        None,
+        make("KV4", "per-token"),
+        make("KV2", "per-token"),
+        make("K2V4", "kivi"),
+        make("KV2", "per-token", quantize_prefill=True),
+    ]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_a_padded_batch_continues_each_prompt_as_it_would_alone(arch):
     """Dense cache: padding is masked out, so each row's greedy continuation is its own."""
@@ -71,21 +96,7 @@ def test_one_shared_prefill_gives_each_cache_its_own_continuation(arch):
     """greedy_text_per_cache runs the prompt once for every cache: each continuation is the one
     the cache gives alone (greedy_text), for dense, both schemes and a cache quantizing its prefill."""
     model, tokenizer = build_tiny_model(arch), word_tokenizer()
-    layers = model.config.num_hidden_layers
-
-    def factory(spec, scheme, **kwargs):
-        precision = PrecisionConfig.uniform(
-            spec, layers, scheme=scheme, block_size=4, residual_length=4
-        )
-        return lambda: kvtuner.quantized_cache(model, precision, **kwargs)
-
-    factories = [
-        None,
-        factory("KV4", "per-token"),
-        factory("KV2", "per-token"),
-        factory("K2V4", "kivi"),
-        factory("KV2", "per-token", quantize_prefill=True),
-    ]
+    factories = five_factories(model)
     for text in ("w3 w8 w1 w30 w2 w9 w17 w5 w4 w11 w12 w40 w41 w3 w8 w1", "w6 " * 20):
         prompt = ids(tokenizer, text)
         alone = [greedy_text(model, tokenizer, prompt, f, max_new_tokens=12) for f in factories]
@@ -127,27 +138,8 @@ def test_forced_logprobs_are_each_caches_own(arch):
     from kvtuner.tasks.generation import answers_per_cache
 
     model, tokenizer = build_tiny_model(arch), word_tokenizer()
-    layers = model.config.num_hidden_layers
     built = []
-
-    def make(spec, scheme, **kwargs):
-        precision = PrecisionConfig.uniform(
-            spec, layers, scheme=scheme, block_size=4, residual_length=4
-        )
-
-        def factory():
-            built.append(spec)
-            return kvtuner.quantized_cache(model, precision, **kwargs)
-
-        return factory
-
-    factories = [
-        None,
-        make("KV4", "per-token"),
-        make("KV2", "per-token"),
-        make("K2V4", "kivi"),
-        make("KV2", "per-token", quantize_prefill=True),
-    ]
+    factories = five_factories(model, built)
     prompt = ids(tokenizer, " ".join(f"w{(7 * i) % 97 + 4}" for i in range(30)))
     texts = [greedy_text(model, tokenizer, prompt, f, max_new_tokens=8) for f in factories]
     greedy = ids(tokenizer, texts[1])[:6]  # what KV4 answers
