@@ -131,6 +131,19 @@ inline float hsum(v16 v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+// {hsum(a), hsum(b), hsum(c), hsum(d)}, bit for bit (the same additions in the same order), with
+// the four reductions sharing their shuffles.
+inline v4 hsum4(v16 a, v16 b, v16 c, v16 d) {
+  const v8 a8 = halves(a), b8 = halves(b), c8 = halves(c), d8 = halves(d);
+  const v8 ab = __builtin_shufflevector(a8, b8, 0, 1, 2, 3, 8, 9, 10, 11) +
+                __builtin_shufflevector(a8, b8, 4, 5, 6, 7, 12, 13, 14, 15);
+  const v8 cd = __builtin_shufflevector(c8, d8, 0, 1, 2, 3, 8, 9, 10, 11) +
+                __builtin_shufflevector(c8, d8, 4, 5, 6, 7, 12, 13, 14, 15);
+  const v8 x = __builtin_shufflevector(ab, cd, 0, 1, 4, 5, 8, 9, 12, 13) +
+               __builtin_shufflevector(ab, cd, 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(x, x, 0, 2, 4, 6) + __builtin_shufflevector(x, x, 1, 3, 5, 7);
+}
+
 
 // 16 values of any float type -> float32 lanes
 template <typename T>
@@ -465,8 +478,24 @@ void Layer<T>::run_stored(const Item& item, float* scores, float* partial) const
   } else {
     int kgroup_of[V];
     for (int u = 0; u < V; ++u) kgroup_of[u] = u / (k.group / 16);
-    for (int64_t t = 0; t < n; ++t) {
-      k.template dequantize_row<D>(item.first + t, kgroup_of, code);  // once for the G heads
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {  // four tokens, then one shared reduction per head (hsum4)
+      v16 acc[G][4];
+      for (int j = 0; j < 4; ++j) {
+        k.template dequantize_row<D>(item.first + t + j, kgroup_of, code);  // once for the G heads
+        for (int i = 0; i < G; ++i) {
+          v16 a = load16(qh + i * D) * code[0];
+          for (int u = 1; u < V; ++u) a += load16(qh + i * D + 16 * u) * code[u];
+          acc[i][j] = a;
+        }
+      }
+      for (int i = 0; i < G; ++i) {
+        const v4 sums = hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+        std::memcpy(scores + i * n + t, &sums, sizeof(sums));
+      }
+    }
+    for (; t < n; ++t) {
+      k.template dequantize_row<D>(item.first + t, kgroup_of, code);
       for (int i = 0; i < G; ++i) {
         v16 acc = load16(qh + i * D) * code[0];
         for (int u = 1; u < V; ++u) acc += load16(qh + i * D + 16 * u) * code[u];
