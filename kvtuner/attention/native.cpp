@@ -449,7 +449,7 @@ void Layer<T>::run_stored(const Item& item, float* scores, float* partial) const
     alignas(64) float qs[G * D];
     float shift[G];
     int64_t block = -1;
-    for (int64_t t = 0; t < n; ++t) {
+    for (int64_t t = 0; t < n;) {
       const int64_t token = item.first + t;
       if (token / k.group != block) {  // fold the block's channel scales into the query
         block = token / k.group;
@@ -468,12 +468,30 @@ void Layer<T>::run_stored(const Item& item, float* scores, float* partial) const
           shift[i] = hsum(acc);
         }
       }
+      if (t + 4 <= n && (token + 3) / k.group == block) {  // four tokens of one block (hsum4)
+        v16 acc[G][4];
+        for (int j = 0; j < 4; ++j) {
+          unpack_row<D>(k.packed + (token + j) * k.packed_stride, k.bits, code);
+          for (int i = 0; i < G; ++i) {
+            v16 a = load16(qs + i * D) * code[0];
+            for (int u = 1; u < V; ++u) a += load16(qs + i * D + 16 * u) * code[u];
+            acc[i][j] = a;
+          }
+        }
+        for (int i = 0; i < G; ++i) {
+          const v4 sums = hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]) + shift[i];
+          std::memcpy(scores + i * n + t, &sums, sizeof(sums));
+        }
+        t += 4;
+        continue;
+      }
       unpack_row<D>(k.packed + token * k.packed_stride, k.bits, code);
       for (int i = 0; i < G; ++i) {
         v16 acc = load16(qs + i * D) * code[0];
         for (int u = 1; u < V; ++u) acc += load16(qs + i * D + 16 * u) * code[u];
         scores[i * n + t] = hsum(acc) + shift[i];
       }
+      ++t;
     }
   } else {
     int kgroup_of[V];
