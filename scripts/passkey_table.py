@@ -70,6 +70,11 @@ def trial_keys(result: dict) -> list[tuple[int, float, int]]:
 FIELDS = ("correct", "answer", "key_logprob")  # saved per cache and trial
 
 
+def key_logprobs(result: dict, label: str) -> list:
+    """A saved result's key log-probabilities of cache `label`, per trial (None where missing)."""
+    return result.get("key_logprob", {}).get(label) or [None] * len(result["contexts"])
+
+
 def saved_trials(result: dict) -> dict[str, dict[tuple, dict]]:
     """Per cache, per (context, depth, sample): the saved trial's FIELDS (None where missing)."""
     keys = trial_keys(result)
@@ -208,19 +213,16 @@ def logprob_table(results: list[dict], configs: list[str] | None = None) -> str:
     config's loss against it, mean ± s.e. over the trials both measured (paired by prompt; "-"
     where the config has none at that context); `configs` picks the columns (default: every config
     with a log-probability)."""
-    from kvtuner.tasks.passkey import paired_loss
-
-    def scores(result: dict, label: str) -> list:
-        return result.get("key_logprob", {}).get(label) or [None] * len(result["contexts"])
+    from kvtuner.tasks.passkey import loss_text, paired_loss
 
     if configs is None:
-        configs = [label for label in LABELS if any(any(scores(r, label)) for r in results)]
+        configs = [label for label in LABELS if any(any(key_logprobs(r, label)) for r in results)]
     lines = [
         "| model | context | trials | dense log p(key) | " + " | ".join(configs) + " |",
         "|---|---:|---:|---:|" + "---:|" * len(configs),
     ]
     for result in results:
-        dense = scores(result, "dense")
+        dense = key_logprobs(result, "dense")
         for context in sorted(set(result["contexts"])):
             index = [
                 i for i, c in enumerate(result["contexts"]) if c == context and dense[i] is not None
@@ -229,15 +231,13 @@ def logprob_table(results: list[dict], configs: list[str] | None = None) -> str:
                 continue
             cells = [f"{sum(dense[i] for i in index) / len(index):.3f}"]
             for label in configs:
-                values = scores(result, label)
+                values = key_logprobs(result, label)
                 pairs = [(dense[i], values[i]) for i in index if values[i] is not None]
                 if not pairs:
                     cells.append("-")
                     continue
-                mean, se = paired_loss(*zip(*pairs))
-                spread = "" if len(pairs) == 1 else f" ± {se:.3f}"
                 partial = "" if len(pairs) == len(index) else f" ({len(pairs)} trials)"
-                cells.append(f"{mean:.3f}{spread}{partial}")
+                cells.append(loss_text(*paired_loss(*zip(*pairs))) + partial)
             lines.append(
                 f"| {result['model']} | {context} | {len(index)} | " + " | ".join(cells) + " |"
             )
@@ -260,7 +260,7 @@ def pooled_table(results: list[dict], configs: list[str] | None = None) -> str:
     """One row per model and config, over all its contexts: trials, keys lost and gained against
     dense on the same prompts (with the sign test's p), and the key's log-probability lost, mean ±
     s.e. over the trials with one (paired by prompt)."""
-    from kvtuner.tasks.passkey import paired_loss
+    from kvtuner.tasks.passkey import loss_text, paired_loss
 
     if configs is None:
         configs = [label for label in LABELS if any(label in r["correct"] for r in results)]
@@ -270,12 +270,12 @@ def pooled_table(results: list[dict], configs: list[str] | None = None) -> str:
     ]
     for result in results:
         dense = result["correct"]["dense"]
-        dense_lp = result.get("key_logprob", {}).get("dense") or [None] * len(dense)
+        dense_lp = key_logprobs(result, "dense")
         for label in configs:
             if label not in result["correct"]:
                 continue
             values = result["correct"][label]
-            logprobs = result.get("key_logprob", {}).get(label) or [None] * len(dense)
+            logprobs = key_logprobs(result, label)
             both = [i for i, v in enumerate(values) if v is not None and dense[i] is not None]
             lost = sum(1 for i in both if dense[i] and not values[i])
             gained = sum(1 for i in both if values[i] and not dense[i])
@@ -284,9 +284,8 @@ def pooled_table(results: list[dict], configs: list[str] | None = None) -> str:
             ]
             nats = "-"
             if len(pairs) > 1:
-                mean, se = paired_loss(*zip(*pairs))
                 partial = "" if len(pairs) == len(both) else f" ({len(pairs)} trials)"
-                nats = f"{mean:.3f} ± {se:.3f}{partial}"
+                nats = loss_text(*paired_loss(*zip(*pairs))) + partial
             lines.append(
                 f"| {result['model']} | {label} | {len(both)} | {lost} / {gained} "
                 f"(p = {sign_test(lost, gained):.3f}) | {nats} |"

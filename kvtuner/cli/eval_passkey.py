@@ -147,13 +147,10 @@ def _number(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _lost(mean: float, se: float | None) -> str:
-    """`0.123 ± 0.045` (nats), or the mean alone without a standard error."""
-    return f"{mean:.3f}" if se is None else f"{mean:.3f} ± {se:.3f}"
-
-
 def render(summary: dict[str, Any]) -> str:
     """Accuracy per context, the config's beside dense's, and the key's log-probability lost."""
+    from kvtuner.tasks.passkey import loss_text
+
     config = summary["config"]
     column = Path(config).name  # a config file's name, not its whole path, heads the column
     depths = ",".join(f"{d:g}" for d in summary["depths"])
@@ -165,7 +162,7 @@ def render(summary: dict[str, Any]) -> str:
     ]
     rows = [*summary["per_context"], {"context": "all", **summary}]
     for row in rows:
-        lost = _lost(row["key_logprob_lost"], row["key_logprob_lost_se"])
+        lost = loss_text(row["key_logprob_lost"], row["key_logprob_lost_se"])
         lines.append(
             f"{row['context']:>8}  {row['dense_accuracy']:>8.3f}  {row['accuracy']:>{width}.3f}"
             f"  {lost:>15}"

@@ -188,19 +188,16 @@ def answers_per_cache(
 
     answers = []
     for make, cache in zip(factories, built):
-        tokens: list[int] = []
+        logprob = None
         if cache is not None and not replayable(cache):
             text = greedy_text(
                 model, tokenizer, input_ids, lambda c=cache: c, max_new_tokens=max_new_tokens
             )
         else:
             cache = dense if cache is None else cache
-            tokens, logprobs = _greedy(model, cache, last, max_new_tokens)
+            tokens, logprob = _greedy(model, cache, last, max_new_tokens, forced)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
-        logprob = None
-        if forced and tokens[: len(forced)] == list(forced):
-            logprob = sum(logprobs[: len(forced)])  # the greedy answer is the continuation
-        elif forced:
+        if forced and logprob is None:  # the greedy answer left the continuation
             logprob = _forced_logprob(model, *fresh(make), forced)
         answers.append(Answer(text, logprob))
     return answers
@@ -215,20 +212,22 @@ def _step(model: Any, cache: Any, token: int) -> torch.Tensor:
 
 
 def _greedy(
-    model: Any, cache: Any, last: torch.Tensor, max_new_tokens: int
-) -> tuple[list[int], list[float]]:
+    model: Any, cache: Any, last: torch.Tensor, max_new_tokens: int, forced: Sequence[int] = ()
+) -> tuple[list[int], float | None]:
     """Greedy decoding from the prompt's last logits `last`, the prompt already in `cache`: the
-    tokens, and each one's log-probability."""
+    tokens, and log p(forced | prompt) if the answer begins with `forced` (else None), read off
+    the same steps."""
     stops = _eos_ids(model)
     tokens: list[int] = []
-    logprobs: list[float] = []
-    logits = last
+    logits, score = last, 0.0
     while True:
         token = int(logits.argmax())
+        if len(tokens) < len(forced) and tokens == list(forced[: len(tokens)]):
+            score += _logprob(logits, forced[len(tokens)])
         tokens.append(token)
-        logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
         if len(tokens) == max_new_tokens or token in stops:
-            return tokens, logprobs
+            followed = bool(forced) and tokens[: len(forced)] == list(forced)
+            return tokens, score if followed else None
         logits = _step(model, cache, token)
 
 
@@ -237,10 +236,15 @@ def _forced_logprob(model: Any, cache: Any, last: torch.Tensor, forced: Sequence
     logits = last
     total = 0.0
     for index, token in enumerate(forced):
-        total += float(torch.log_softmax(logits, dim=-1)[token])
+        total += _logprob(logits, token)
         if index + 1 < len(forced):
             logits = _step(model, cache, token)
     return total
+
+
+def _logprob(logits: torch.Tensor, token: int) -> float:
+    """log p(token) under next-token `logits` (nats)."""
+    return float(torch.log_softmax(logits, dim=-1)[token])
 
 
 def _eos_ids(model: Any) -> set[int]:

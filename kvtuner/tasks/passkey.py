@@ -18,6 +18,7 @@ judged by how much confidence in the key it loses against dense on the same prom
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -256,6 +257,11 @@ def paired_loss(dense: Sequence[float], cache: Sequence[float]) -> tuple[float, 
     of confidence in the key the cache loses; trials in the same order). One trial: s.e. NaN."""
     lost = pd.Series([d - c for d, c in zip(dense, cache, strict=True)], dtype=float)
     return float(lost.mean()), float(lost.sem()) if len(lost) > 1 else float("nan")
+
+
+def loss_text(mean: float, se: float | None) -> str:
+    """`0.123 ± 0.045` (nats), or the mean alone without a standard error (None or NaN: one trial)."""
+    return f"{mean:.3f}" if se is None or math.isnan(se) else f"{mean:.3f} ± {se:.3f}"
 
 
 @dataclass(frozen=True)
